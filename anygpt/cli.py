@@ -1,0 +1,147 @@
+"""The ``anygpt`` command line.
+
+    anygpt generate --preset mini "Draw a cat" --outputs image --out answer/
+    anygpt presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from anygpt.errors import AnyGPTError
+
+logger = logging.getLogger("anygpt")
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _command(name: str):
+    def wrap(fn):
+        _COMMANDS[name] = fn
+        return fn
+    return wrap
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one prompt with text and media")
+    gen.add_argument("prompt", help="the message; <image>/<audio>/<video> mark where media go")
+    gen.add_argument("--preset", "--model", dest="model", default="mini",
+                     help="preset name, model directory or config .yaml (default: mini)")
+    gen.add_argument("--image", action="append", default=[], metavar="FILE", help="input image (repeatable)")
+    gen.add_argument("--audio", action="append", default=[], metavar="FILE", help="input audio (repeatable)")
+    gen.add_argument("--video", action="append", default=[], metavar="FILE", help="input video (repeatable)")
+    gen.add_argument("--outputs", type=_csv, default=[], metavar="M[,M]",
+                     help="modalities the answer must contain, e.g. image,audio,video")
+    gen.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default: outputs)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    gen.add_argument("--steps", type=int, default=None, help="diffusion steps")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num-frames", type=int, default=None)
+    gen.add_argument("--audio-length", dest="audio_length_s", type=float, default=None, help="seconds")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                     help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pre = sub.add_parser("presets", help="list the shipped presets and their components")
+    pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
+    return parser
+
+
+@_command("generate")
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.types import MediaStarted, TextDelta
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else None)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    pipe = AnyGPTPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=args.quiet)
+
+    from anygpt.conversation import Conversation
+
+    conversation = Conversation()
+    conversation.add_user(args.prompt, {"image": args.image, "audio": args.audio, "video": args.video})
+    settings = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, do_sample=False if args.greedy else None, steps=args.steps,
+                    guidance=args.guidance, height=args.height, width=args.width,
+                    num_frames=args.num_frames, audio_length_s=args.audio_length_s)
+    output = None
+    for event in pipe.stream(conversation, outputs=args.outputs, **settings):
+        if isinstance(event, TextDelta):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, MediaStarted):
+            logger.info("decoding %s %d", event.modality, event.index)
+        output = event
+    sys.stdout.write("\n")
+    for path in output.save(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+@_command("presets")
+def _presets(args: argparse.Namespace) -> int:
+    from anygpt.config import PRESET_DIR, AnyGPTConfig, list_presets
+
+    if args.show:
+        AnyGPTConfig.from_name(args.show)  # validates, and lists the valid names if unknown
+        print((PRESET_DIR / f"{args.show}.yaml").read_text(), end="")
+        return 0
+    for name in list_presets():
+        cfg = AnyGPTConfig.from_name(name)
+        print(f"{name}: {cfg.description}")
+        print(f"  encoder: {cfg.encoder.pretrained or 'random ' + cfg.encoder.name}")
+        print(f"  llm:     {cfg.llm.pretrained or 'random ' + cfg.llm.arch['model_type']}")
+        for modality, m in cfg.modalities.items():
+            parts = []
+            if m.has_input:
+                parts.append(f"in: {m.input_projector.kind} x{m.input_projector.num_tokens}")
+            if m.has_output:
+                parts.append(f"out: {m.num_signal_tokens} signal tokens -> "
+                             f"{m.decoder.name} ({m.decoder.pretrained or 'random tiny'})")
+            print(f"  {modality + ':':8} {'; '.join(parts)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anygpt`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except AnyGPTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

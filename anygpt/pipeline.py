@@ -1,0 +1,285 @@
+"""The public Python API: :class:`AnyGPTPipeline`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from anygpt.config import CONFIG_FILENAME, AnyGPTConfig
+from anygpt.conversation import Conversation
+from anygpt.errors import ConfigError, UnknownNameError
+from anygpt.generation import LLMResult, SamplingSettings, SignalRun, generate_stream
+from anygpt.model import AnyGPTModel, decoder_config
+from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AnyGPTPipeline"]
+
+_DECODE_OPTIONS = ("steps", "guidance", "height", "width", "num_frames", "fps", "audio_length_s")
+
+
+class AnyGPTPipeline:
+    """Any-to-any generation: text and media in, text and media out.
+
+    Load with :meth:`from_pretrained` (a preset name, a model directory or a config file),
+    call it with a prompt and media files, or hold a multi-turn :class:`Conversation` with
+    :meth:`chat`. Decoders are loaded on first use and cached.
+
+    Example:
+        >>> pipe = AnyGPTPipeline.from_pretrained("tiny")
+        >>> out = pipe("Draw a red square", outputs=("image",), seed=0)
+        >>> out.images[0].size
+    """
+
+    def __init__(self, model: AnyGPTModel, base_dir: Path | None = None):
+        self.model = model
+        self.config: AnyGPTConfig = model.config
+        self.base_dir = base_dir
+        self._decoders: dict[str, Any] = {}
+        self._decoder_dtype: torch.dtype | None = None
+        self.progress = True
+
+    # Construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "AnyGPTPipeline":
+        """Load a preset (``tiny``, ``mini``, ``nextgpt-7b``), a directory written by
+        :meth:`save_pretrained`, or a YAML config file.
+
+        Raises:
+            UnknownNameError: ``name_or_path`` is neither a preset nor an existing path.
+            WeightsNotFoundError: a component's weights cannot be found.
+        """
+        from anygpt.checkpoint import load_weights
+
+        config, base_dir = resolve_config(name_or_path)
+        model = AnyGPTModel.from_config(config, base_dir=base_dir)
+        load_weights(model, base_dir)
+        pipe = cls(model, base_dir=base_dir)
+        if device is not None or dtype is not None:
+            pipe.to(device, dtype)
+        return pipe
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write a self-contained model directory that :meth:`from_pretrained` reloads exactly."""
+        from anygpt.checkpoint import save_pipeline
+
+        return save_pipeline(self, Path(directory))
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AnyGPTPipeline":
+        """Move the model (and loaded decoders) to ``device``; ``dtype`` applies to the LLM,
+        encoder and projectors. Decoders use their config's dtype on CUDA, float32 on CPU."""
+        self.model.to(device=device, dtype=dtype)
+        for decoder in self._decoders.values():
+            decoder.to(self.device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Show or hide progress bars (decoder denoising steps)."""
+        self.progress = not disable
+
+    # Decoders ---------------------------------------------------------------------------------
+    def decoder(self, modality: str):
+        """The modality's decoder, loaded on first use and cached."""
+        if modality not in self._decoders:
+            if modality not in self.config.output_modalities:
+                raise UnknownNameError("output modality", modality, self.config.output_modalities)
+            import decoders
+
+            self._decoders[modality] = decoders.load_decoder(
+                decoder_config(self.config, modality, self.base_dir), device=self.device)
+        return self._decoders[modality]
+
+    def load_decoders(self) -> None:
+        """Load every output modality's decoder now rather than on first use."""
+        for modality in self.config.output_modalities:
+            self.decoder(modality)
+
+    # Generation -----------------------------------------------------------------------------
+    def __call__(self, prompt: str | Sequence[dict], images: Iterable[Any] = (), audios: Iterable[Any] = (),
+                 videos: Iterable[Any] = (), outputs: Sequence[str] = (), **settings: Any) -> GenerationOutput:
+        """Answer one message (or a list of chat messages).
+
+        Args:
+            prompt: the user's text, or messages ``[{"role": ..., "content": ..., "images": [...]}]``.
+                ``<image>``/``<audio>``/``<video>`` in the text place the media; otherwise media
+                go before the text.
+            images, audios, videos: file paths or loaded values (PIL images, ``Audio``, ``Video``).
+            outputs: modalities the answer must contain (their signal run is completed or appended).
+            **settings: ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``do_sample``,
+                ``repetition_penalty``, ``stop_strings``, ``seed``; decoder options ``steps``,
+                ``guidance``, ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``.
+        """
+        conversation = Conversation()
+        if isinstance(prompt, str):
+            conversation.add_user(prompt, {"image": images, "audio": audios, "video": videos})
+        else:
+            _add_messages(conversation, prompt, images, audios, videos)
+        return self._run(conversation, outputs, settings)
+
+    def chat(self, conversation: Conversation, message: str | None = None, images: Iterable[Any] = (),
+             audios: Iterable[Any] = (), videos: Iterable[Any] = (), outputs: Sequence[str] = (),
+             **settings: Any) -> GenerationOutput:
+        """Add ``message`` (if given) to ``conversation``, answer it, and record the answer.
+
+        Media of earlier turns are not encoded again.
+        """
+        if message is not None:
+            conversation.add_user(message, {"image": images, "audio": audios, "video": videos})
+        output = self._run(conversation, outputs, settings)
+        conversation.add_assistant(output.raw_text)
+        return output
+
+    def stream(self, conversation: Conversation, outputs: Sequence[str] = (),
+               **settings: Any) -> Iterator[TextDelta | MediaStarted | MediaSegment | GenerationOutput]:
+        """Answer the conversation's last user turn step by step.
+
+        Yields :class:`TextDelta` as text is generated, :class:`MediaStarted` and then a
+        :class:`MediaSegment` for each media item, and finally the :class:`GenerationOutput`
+        (which is also recorded in the conversation).
+        """
+        output = None
+        for event in self._stream(conversation, outputs, settings):
+            output = event
+            yield event
+        conversation.add_assistant(output.raw_text)
+
+    def _run(self, conversation: Conversation, outputs: Sequence[str], settings: dict) -> GenerationOutput:
+        event = None
+        for event in self._stream(conversation, outputs, settings):
+            pass
+        return event
+
+    def _stream(self, conversation: Conversation, outputs: Sequence[str], settings: dict):
+        start = time.perf_counter()
+        sampling, decode_opts = self._settings(outputs, settings)
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        self._encode_pending(conversation)
+        timings["encode"] = time.perf_counter() - t0
+
+        prompt = self.model.lm.tokenize_prompt(conversation.turns, self.model.num_media_tokens(),
+                                               reserve=sampling.max_new_tokens)
+        embeds = self.model.embed_prompt(prompt, [conversation.encodings[r.key] for r in prompt.media])
+        result: LLMResult = yield from _wrap_text(
+            generate_stream(self.model.lm, embeds, prompt.input_ids, sampling, required=tuple(outputs)))
+        timings["prefill"], timings["decode"] = result.prefill_s, result.decode_s
+
+        segments: list = []
+        seed = sampling.seed
+        for piece in result.pieces:
+            if isinstance(piece, str):
+                segments.append(TextSegment(piece))
+                continue
+            index = sum(isinstance(s, MediaSegment) for s in segments)
+            yield MediaStarted(piece.modality, index)
+            segment = self._decode_run(piece, None if seed is None else seed + index, decode_opts, timings)
+            segments.append(segment)
+            yield segment
+        timings["total"] = time.perf_counter() - start
+        yield GenerationOutput(segments=segments, raw_text=self.model.lm.decode(result.token_ids),
+                               timings=timings, num_generated_tokens=len(result.token_ids))
+
+    def _settings(self, outputs: Sequence[str], settings: dict) -> tuple[SamplingSettings, dict]:
+        for modality in outputs:
+            if modality not in self.config.output_modalities:
+                raise UnknownNameError("output modality", modality, self.config.output_modalities)
+        names = {f.name for f in fields(SamplingSettings)}
+        unknown = set(settings) - names - set(_DECODE_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s) {', '.join(sorted(unknown))}; valid: "
+                              f"{', '.join(sorted(names | set(_DECODE_OPTIONS)))}")
+        defaults = self.config.generation
+        sampling = SamplingSettings(**{
+            n: settings[n] if settings.get(n) is not None else getattr(defaults, n, getattr(SamplingSettings, n))
+            for n in names if n != "seed"}, seed=settings.get("seed"))
+        replace(defaults, **{n: getattr(sampling, n) for n in names if hasattr(defaults, n)}).validate()
+        decode_opts = {k: settings[k] for k in _DECODE_OPTIONS if settings.get(k) is not None}
+        return sampling, decode_opts
+
+    def _encode_pending(self, conversation: Conversation) -> None:
+        """Encode the conversation's new media, one batch per modality."""
+        by_modality: dict[str, list[tuple[str, Any]]] = {}
+        for key, (modality, value) in conversation.pending.items():
+            by_modality.setdefault(modality, []).append((key, value))
+        for modality, items in by_modality.items():
+            if modality not in self.model.input_projectors:
+                raise UnknownNameError("input modality", modality, list(self.model.input_projectors))
+            from anygpt.modalities import get_modality
+
+            spec = get_modality(modality)
+            batch = torch.stack([spec.preprocess(value) for _, value in items])
+            embeddings = self.model.encode_media(modality, batch)  # (N, encoder_dim)
+            for (key, _), emb in zip(items, embeddings):
+                conversation.encodings[key] = emb
+        conversation.pending.clear()
+
+    def _decode_run(self, run: SignalRun, seed: int | None, options: dict, timings: dict) -> MediaSegment:
+        t0 = time.perf_counter()
+        decoder = self.decoder(run.modality)
+        load = time.perf_counter() - t0
+        if load > 1e-3:
+            timings[f"load/{run.modality}"] = timings.get(f"load/{run.modality}", 0.0) + load
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            condition = self.model.project_signals(run.modality, run.hidden_states[None])
+        value = decoder.decode(condition, seed=seed, progress=self.progress, **options)[0]
+        key = f"decoder/{run.modality}"
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        return MediaSegment(run.modality, value, forced=run.forced)
+
+
+def _wrap_text(gen):
+    """Re-yield a text generator's strings as :class:`TextDelta` and return its result."""
+    try:
+        while True:
+            yield TextDelta(next(gen))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _add_messages(conversation: Conversation, messages: Sequence[dict], images, audios, videos) -> None:
+    """Fill a conversation from chat messages; loose media attach to the last user message."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        raise ConfigError("messages: at least one message with role 'user' is required")
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content", "")
+        extra = {"image": list(message.get("images", ())), "audio": list(message.get("audios", ())),
+                 "video": list(message.get("videos", ()))}
+        if i == last_user:
+            extra = {"image": extra["image"] + list(images), "audio": extra["audio"] + list(audios),
+                     "video": extra["video"] + list(videos)}
+        if role == "user":
+            conversation.add_user(content, extra)
+        elif role == "assistant":
+            conversation.add_assistant(content)
+        elif role == "system":
+            conversation.set_system(content)
+        else:
+            raise ConfigError(f"messages[{i}].role: must be user, assistant or system, got {role!r}")
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> tuple[AnyGPTConfig, Path | None]:
+    """A config and the directory its relative paths resolve against (None for presets)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / CONFIG_FILENAME).is_file():
+            raise ConfigError(f"{path}: not a model directory (no {CONFIG_FILENAME}); "
+                              f"write one with AnyGPTPipeline.save_pretrained")
+        return AnyGPTConfig.from_file(path / CONFIG_FILENAME), path.resolve()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return AnyGPTConfig.from_file(path), path.resolve().parent
+    return AnyGPTConfig.from_name(str(name_or_path)), None

@@ -1,0 +1,179 @@
+"""Plain data types that cross package boundaries: media values and generation outputs.
+
+Media leave the system as:
+
+* images: ``PIL.Image.Image`` (RGB);
+* audio: :class:`Audio`, a float waveform in [-1, 1] with its sample rate;
+* video: :class:`Video`, uint8 frames (F, H, W, 3) with their frame rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = ["Audio", "Video", "TextSegment", "MediaSegment", "Segment", "GenerationOutput",
+           "TextDelta", "MediaStarted"]
+
+MODALITY_EXTENSIONS = {"image": ".png", "audio": ".wav", "video": ".mp4"}
+
+
+@dataclass
+class Audio:
+    """A mono or multi-channel waveform.
+
+    Attributes:
+        waveform: float32 array, shape (T,) for mono or (C, T), values in [-1, 1].
+        sample_rate: samples per second.
+    """
+
+    waveform: np.ndarray
+    sample_rate: int
+
+    @property
+    def duration(self) -> float:
+        return self.waveform.shape[-1] / float(self.sample_rate)
+
+
+@dataclass
+class Video:
+    """A clip of RGB frames.
+
+    Attributes:
+        frames: uint8 array of shape (F, H, W, 3).
+        fps: frames per second.
+    """
+
+    frames: np.ndarray
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / float(self.fps)
+
+
+@dataclass
+class TextSegment:
+    """A run of answer text."""
+
+    text: str
+    kind: Literal["text"] = "text"
+
+
+@dataclass
+class MediaSegment:
+    """A generated media item and the signal run it came from.
+
+    Attributes:
+        modality: "image", "audio" or "video".
+        value: ``PIL.Image.Image``, :class:`Audio` or :class:`Video`.
+        forced: True when the signal run was completed or appended by the pipeline rather
+            than written (entirely) by the LLM.
+    """
+
+    modality: str
+    value: Any
+    forced: bool = False
+    kind: Literal["media"] = "media"
+
+
+Segment = Union[TextSegment, MediaSegment]
+
+
+@dataclass
+class TextDelta:
+    """A streamed piece of answer text (from :meth:`AnyGPTPipeline.stream`)."""
+
+    text: str
+
+
+@dataclass
+class MediaStarted:
+    """Streamed when a decoder starts on the answer's ``index``-th media item."""
+
+    modality: str
+    index: int
+
+
+@dataclass
+class GenerationOutput:
+    """One answer: text and media segments in the order the LLM wrote them.
+
+    Attributes:
+        segments: the answer, in order.
+        raw_text: the LLM's decoded output including signal tokens.
+        timings: seconds spent per stage ("encode", "prefill", "decode", "decoder/image", ...).
+        num_generated_tokens: tokens the LLM produced (including forced signal tokens).
+    """
+
+    segments: list[Segment] = field(default_factory=list)
+    raw_text: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    num_generated_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        """The answer's text without signal tokens."""
+        return "".join(s.text for s in self.segments if isinstance(s, TextSegment)).strip()
+
+    def media(self, modality: str | None = None) -> list[Any]:
+        """The generated media values, optionally only those of one modality."""
+        return [
+            s.value
+            for s in self.segments
+            if isinstance(s, MediaSegment) and (modality is None or s.modality == modality)
+        ]
+
+    @property
+    def images(self) -> "list[Image]":
+        return self.media("image")
+
+    @property
+    def audios(self) -> list[Audio]:
+        return self.media("audio")
+
+    @property
+    def videos(self) -> list[Video]:
+        return self.media("video")
+
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write media as PNG / WAV / MP4 plus ``answer.json`` describing the answer in order.
+
+        Returns:
+            The paths written, media first and ``answer.json`` last.
+        """
+        from anygpt import media as media_io
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        entries: list[dict[str, Any]] = []
+        counts: dict[str, int] = {}
+        for seg in self.segments:
+            if isinstance(seg, TextSegment):
+                entries.append({"type": "text", "text": seg.text})
+                continue
+            index = counts.get(seg.modality, 0)
+            counts[seg.modality] = index + 1
+            path = out / f"{seg.modality}_{index}{MODALITY_EXTENSIONS[seg.modality]}"
+            media_io.write_media(seg.modality, seg.value, path)
+            written.append(path)
+            entries.append({"type": seg.modality, "path": path.name, "forced": seg.forced})
+        answer = {"text": self.text, "raw_text": self.raw_text, "segments": entries,
+                  "num_generated_tokens": self.num_generated_tokens, "timings": self.timings}
+        json_path = out / "answer.json"
+        json_path.write_text(json.dumps(answer, indent=2, ensure_ascii=False) + "\n")
+        written.append(json_path)
+        return written

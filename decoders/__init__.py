@@ -1,0 +1,69 @@
+"""Diffusion decoders behind one protocol: conditioning tensor in, media out.
+
+Each decoder wraps a diffusers pipeline (never a fork of one) and is selected by registry name:
+
+========================  =========  ==========================  ======================
+name                      modality   pipeline                    conditioning (real)
+========================  =========  ==========================  ======================
+``stable-diffusion``      image      ``StableDiffusionPipeline``  77 × 768 (SD-1.5)
+``audioldm``              audio      ``AudioLDMPipeline``         1 × 512 (CLAP)
+``text-to-video``         video      ``TextToVideoSDPipeline``    77 × 1024 (zeroscope)
+========================  =========  ==========================  ======================
+
+Importing this package imports neither diffusers nor transformers; loading a decoder does.
+Loaded decoders are not cached here: the caller keeps the instance and reuses it.
+
+Example::
+
+    from anygpt.config import DecoderConfig
+    from decoders import load_decoder
+
+    decoder = load_decoder(DecoderConfig(name="stable-diffusion", arch={}, steps=2))
+    image = decoder.decode(decoder.encode_text(["a photo of a cat"]), seed=0)[0]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from decoders.base import DECODERS, Decoder
+
+# Each module registers its decoder on import (without importing diffusers).
+from decoders import image, audio, video  # noqa: E402,F401
+
+if TYPE_CHECKING:
+    import torch
+
+    from anygpt.config import DecoderConfig
+
+__all__ = ["DECODERS", "Decoder", "load_decoder", "condition_shape", "get_decoder_class"]
+
+
+def get_decoder_class(name: str) -> type[Decoder]:
+    """The decoder class registered under ``name``; the error lists the valid names."""
+    return DECODERS.get(name)
+
+
+def load_decoder(
+    config: "DecoderConfig",
+    device: "str | torch.device" = "cpu",
+    dtype: "str | torch.dtype | None" = None,
+) -> Decoder:
+    """Load (``config.pretrained``) or build (``config.arch``) the decoder named ``config.name``.
+
+    Args:
+        config: the decoder's config.
+        device: where to put the weights.
+        dtype: weights dtype; default ``config.dtype`` on accelerators. Always float32 on CPU.
+
+    Raises:
+        UnknownNameError: ``config.name`` is not a registered decoder.
+        WeightsNotFoundError: the pretrained weights cannot be found.
+        ConfigError: ``config.arch`` is invalid.
+    """
+    return get_decoder_class(config.name).from_config(config, device=device, dtype=dtype)
+
+
+def condition_shape(config: "DecoderConfig") -> tuple[int, int]:
+    """The conditioning shape of the decoder ``config`` describes, without loading its weights."""
+    return get_decoder_class(config.name).condition_shape_from_config(config)

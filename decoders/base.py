@@ -1,0 +1,545 @@
+"""The decoder protocol and everything the diffusion decoders share.
+
+A :class:`Decoder` wraps one diffusers pipeline and never forks it: text is encoded with the
+pipeline's own prompt encoder, and generation calls the pipeline's public ``__call__`` with
+``prompt_embeds=`` / ``negative_prompt_embeds=``. A subclass only says what differs for its
+modality: which pipeline class it wraps, how its tiny components are built, which size options
+the pipeline takes and how the pipeline's output becomes media values.
+
+Nothing here imports diffusers or transformers at module level; they are imported by the
+methods that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from anygpt.config import DecoderConfig
+from anygpt.errors import ConfigError, WeightsNotFoundError
+from anygpt.registry import Registry
+from decoders import tiny
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+__all__ = ["DECODERS", "Decoder", "ClipConditionedDecoder", "register", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+DECODERS: "Registry[type[Decoder]]" = Registry("decoder")
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def register(cls: "type[Decoder]") -> "type[Decoder]":
+    """Class decorator: add a decoder class to :data:`DECODERS` under its ``name``."""
+    DECODERS.add(cls.name, cls)
+    return cls
+
+
+def resolve_dtype(device: "str | torch.device", dtype: "str | torch.dtype | None" = None) -> torch.dtype:
+    """The weights dtype for ``device``: ``dtype`` on accelerators, always float32 on CPU.
+
+    Half precision on CPU is slow and unsupported by some kernels, so it is replaced by float32
+    (with a log message). ``None`` means float32.
+    """
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"decoder dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or torch.float32
+    if torch.device(device).type == "cpu" and dtype != torch.float32:
+        logger.info("Decoders run in float32 on CPU; ignoring dtype %s.", dtype)
+        return torch.float32
+    return dtype
+
+
+class Decoder:
+    """A diffusion decoder: turns a conditioning tensor into images, audio clips or videos.
+
+    The conditioning is the decoder's native text conditioning, of shape
+    ``(batch, *condition_shape)``: what :meth:`encode_text` returns for a caption, and what the
+    model's output projectors learn to produce from signal-token hidden states.
+
+    Build one with :meth:`from_config` (or :func:`decoders.load_decoder`); a decoder is meant to
+    be loaded once and reused. All weights are frozen.
+
+    Attributes:
+        name: registry name (``stable-diffusion``).
+        modality: the media it produces (``image``, ``audio``, ``video``).
+        pipeline: the wrapped diffusers pipeline.
+        config: the config it was built from.
+    """
+
+    name: ClassVar[str]
+    modality: ClassVar[str]
+    #: diffusers class name of the wrapped pipeline.
+    pipeline_class: ClassVar[str]
+    #: transformers class name of the text encoder's config (read for :meth:`condition_shape_from_config`).
+    text_config_class: ClassVar[str]
+    #: extra keyword arguments for the pipeline's constructor and ``from_pretrained``.
+    pipeline_kwargs: ClassVar[Mapping[str, Any]] = {}
+    #: default sizes of the tiny random components; ``DecoderConfig.arch`` overrides keys.
+    tiny_arch: ClassVar[Mapping[str, Any]]
+    #: generation defaults used for decoders built from ``arch`` (where the pipeline's are too big).
+    tiny_call_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: :meth:`decode` size option → the pipeline argument it sets.
+    size_options: ClassVar[Mapping[str, str]] = {}
+    #: the pipeline's ``output_type`` that :meth:`_to_media` converts.
+    output_type: ClassVar[str]
+
+    def __init__(self, pipeline: "DiffusionPipeline", config: DecoderConfig):
+        self.pipeline = pipeline
+        self.config = config
+        self._negative: torch.Tensor | None = None
+        self._noise_scheduler: Any = None
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
+        pipeline.set_progress_bar_config(disable=True)
+
+    def __repr__(self) -> str:
+        source = self.config.pretrained or "tiny random arch"
+        return f"{type(self).__name__}({source!r}, condition_shape={self.condition_shape}, device={self.device})"
+
+    # Construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: DecoderConfig,
+        device: "str | torch.device" = "cpu",
+        dtype: "str | torch.dtype | None" = None,
+    ) -> "Decoder":
+        """Load ``config.pretrained`` (hub id or local directory) or build ``config.arch``.
+
+        Args:
+            config: the decoder's config.
+            device: where to put the weights.
+            dtype: weights dtype; default ``config.dtype`` on accelerators. Always float32 on CPU.
+
+        Raises:
+            WeightsNotFoundError: ``pretrained`` is neither a local pipeline directory nor a
+                hub id available (in the cache, or online).
+            ConfigError: ``arch`` has unknown keys or sizes the components cannot be built with.
+        """
+        dtype = resolve_dtype(device, config.dtype if dtype is None else dtype)
+        start = time.perf_counter()
+        if config.pretrained is not None:
+            pipeline = cls._load_pipeline(config.pretrained, dtype)
+        else:
+            pipeline = cls._build_tiny_pipeline(config)
+        decoder = cls(pipeline, config).to(device, dtype)
+        logger.info("Decoder %r ready (%s) in %.1f s.", cls.name,
+                    config.pretrained or "tiny random arch", time.perf_counter() - start)
+        return decoder
+
+    @classmethod
+    def _pipeline_type(cls) -> "type[DiffusionPipeline]":
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class)
+
+    @classmethod
+    def _load_pipeline(cls, pretrained: str, dtype: torch.dtype) -> "DiffusionPipeline":
+        source = _resolve_source(pretrained)
+        with _weights_errors(cls.name, source, "pipeline"):
+            return cls._pipeline_type().from_pretrained(source, dtype=dtype, **cls.pipeline_kwargs)
+
+    @classmethod
+    def _build_tiny_pipeline(cls, config: DecoderConfig) -> "DiffusionPipeline":
+        arch = cls.resolve_arch(config.arch)
+        try:
+            components = cls._tiny_components(arch, config.seed)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"decoder {cls.name!r} arch: cannot build the tiny components from "
+                              f"{arch}: {exc}") from exc
+        return cls._pipeline_type()(**components, **cls.pipeline_kwargs)
+
+    @classmethod
+    def resolve_arch(cls, arch: "Mapping[str, Any] | None") -> dict[str, Any]:
+        """``tiny_arch`` with the keys of ``arch`` overridden (lists become tuples).
+
+        Raises:
+            ConfigError: a key is not one of ``tiny_arch``'s, or a named choice is unknown.
+        """
+        arch = dict(arch or {})
+        unknown = sorted(set(arch) - set(cls.tiny_arch))
+        if unknown:
+            raise ConfigError(f"decoder {cls.name!r} arch: unknown key(s) {', '.join(unknown)}; "
+                              f"valid keys: {', '.join(sorted(cls.tiny_arch))}")
+        resolved = {**cls.tiny_arch, **{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}}
+        _check_choice(cls.name, "scheduler", resolved["scheduler"], tuple(tiny.SCHEDULERS))
+        _check_choice(cls.name, "prediction_type", resolved["prediction_type"], PREDICTION_TYPES)
+        return resolved
+
+    @classmethod
+    def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
+        """The pipeline's constructor arguments, each built with seeded random weights."""
+        raise NotImplementedError
+
+    # Conditioning shape --------------------------------------------------------------------
+
+    @classmethod
+    def condition_shape_from_config(cls, config: DecoderConfig) -> tuple[int, int]:
+        """The conditioning shape ``config`` will give, without building or loading any weights.
+
+        For ``arch`` configs it follows from the tiny sizes; for ``pretrained`` ones only the text
+        encoder's ``config.json`` and the tokenizer's ``tokenizer_config.json`` are read.
+        """
+        if config.pretrained is None:
+            arch = cls.resolve_arch(config.arch)
+            return cls._condition_shape(cls._tiny_text_config(arch), arch["model_max_length"])
+        source = _resolve_source(config.pretrained)
+        with _weights_errors(cls.name, source, "text encoder config"):
+            import transformers
+
+            text_config = getattr(transformers, cls.text_config_class).from_pretrained(
+                source, subfolder="text_encoder")
+            max_length = _tokenizer_max_length(source, default=text_config.max_position_embeddings)
+        return cls._condition_shape(text_config, max_length)
+
+    @property
+    def condition_shape(self) -> tuple[int, int]:
+        """Shape of one item's conditioning (SD-1.5: (77, 768); AudioLDM: (1, 512))."""
+        return self._condition_shape(self.pipeline.text_encoder.config, self.pipeline.tokenizer.model_max_length)
+
+    @staticmethod
+    def _condition_shape(text_config: Any, max_length: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _tiny_text_config(arch: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    # Text conditioning ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """The decoder's native conditioning of ``captions``, exactly as its pipeline computes it.
+
+        Returns:
+            A tensor of shape ``(len(captions), *condition_shape)`` on the decoder's device.
+        """
+        if isinstance(captions, str) or not captions:
+            raise ValueError("encode_text expects a non-empty list of captions, e.g. ['a photo of a cat']")
+        embeds = self._encode_prompt(list(captions))
+        return embeds.reshape(len(captions), *self.condition_shape)
+
+    def _encode_prompt(self, captions: list[str]) -> torch.Tensor:
+        """The pipeline's own prompt encoding of ``captions`` (no classifier-free guidance)."""
+        raise NotImplementedError
+
+    @property
+    def negative_condition(self) -> torch.Tensor:
+        """``encode_text([""])``, the unconditional embedding, computed once per decoder."""
+        if self._negative is None:
+            self._negative = self.encode_text([""])
+        return self._negative
+
+    def _pipeline_embeds(self, condition: torch.Tensor) -> torch.Tensor:
+        """``condition`` as the pipeline's ``prompt_embeds`` argument expects it."""
+        return condition
+
+    def _unet_condition(self, condition: torch.Tensor) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for ``condition``."""
+        return {"encoder_hidden_states": condition}
+
+    # Generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(
+        self,
+        condition: torch.Tensor,
+        *,
+        negative_condition: torch.Tensor | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        audio_length_s: float | None = None,
+        progress: bool = False,
+    ) -> list[Any]:
+        """Generate one media item per conditioning row.
+
+        Args:
+            condition: ``(batch, *condition_shape)``, e.g. :meth:`encode_text`'s output or an
+                output projector's.
+            negative_condition: the unconditional embedding for classifier-free guidance, with
+                batch 1 or ``batch``; default :attr:`negative_condition` (the empty caption).
+            steps: denoising steps (default ``config.steps``).
+            guidance: classifier-free guidance scale (default ``config.guidance``); ``<= 1``
+                disables guidance.
+            seed: seeds a ``torch.Generator`` on the decoder's device; None draws fresh noise.
+            height, width, num_frames, fps, audio_length_s: output size (default: the config's
+                value, else the model's). Options that do not apply to this modality are ignored.
+            progress: show the pipeline's progress bar.
+
+        Returns:
+            ``PIL.Image.Image`` (image), :class:`anygpt.types.Audio` (audio) or
+            :class:`anygpt.types.Video` (video) items, one per row of ``condition``.
+        """
+        condition = self._check_condition(condition, "condition")
+        steps = self.config.steps if steps is None else steps
+        guidance = self.config.guidance if guidance is None else guidance
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        negative = None
+        if guidance > 1.0:
+            negative = self._negative_for(condition, negative_condition)
+        requested = {"height": height, "width": width, "num_frames": num_frames, "audio_length_s": audio_length_s}
+        self.pipeline.set_progress_bar_config(disable=not progress)
+        output = self.pipeline(
+            prompt_embeds=self._pipeline_embeds(condition),
+            negative_prompt_embeds=None if negative is None else self._pipeline_embeds(negative),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=self._generator(seed),
+            output_type=self.output_type,
+            **self._size_arguments(requested),
+        )
+        return self._to_media(output, fps=self._option("fps", fps))
+
+    def _check_condition(self, condition: torch.Tensor, name: str) -> torch.Tensor:
+        shape = tuple(self.condition_shape)
+        if not isinstance(condition, torch.Tensor) or condition.dim() != 3 or tuple(condition.shape[1:]) != shape:
+            got = tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition).__name__
+            raise ValueError(f"{name} must be a tensor of shape (batch, {shape[0]}, {shape[1]}) for the "
+                             f"{self.name!r} decoder, got {got}")
+        return condition.to(self.device, self.dtype)
+
+    def _negative_for(self, condition: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+        negative = self.negative_condition if negative is None else self._check_condition(negative, "negative_condition")
+        if len(negative) not in (1, len(condition)):
+            raise ValueError(f"negative_condition has batch {len(negative)}; expected 1 or {len(condition)} "
+                             "(the batch of condition)")
+        return negative.expand(len(condition), -1, -1)
+
+    def _option(self, option: str, value: Any) -> Any:
+        """An explicit value, else the config's, else the tiny default for ``arch`` decoders."""
+        if value is None:
+            value = getattr(self.config, option, None)
+        if value is None and self.config.pretrained is None:
+            value = self.tiny_call_defaults.get(option)
+        return value
+
+    def _size_arguments(self, requested: Mapping[str, Any]) -> dict[str, Any]:
+        arguments = {}
+        for option, argument in self.size_options.items():
+            value = self._option(option, requested[option])
+            if value is not None:
+                arguments[argument] = value
+        return arguments
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator(self.device).manual_seed(seed)
+
+    def _to_media(self, output: Any, fps: float | None) -> list[Any]:
+        """The pipeline's output (of :attr:`output_type`) as a list of media values."""
+        raise NotImplementedError
+
+    # Training ------------------------------------------------------------------------------
+
+    def denoising_loss(
+        self,
+        condition: torch.Tensor,
+        samples: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The frozen UNet's denoising loss of ``samples`` under ``condition`` (DDPM training loss).
+
+        Noise is added at one random timestep per item with the pipeline's noise schedule, and the
+        UNet's prediction is compared (MSE) with the target of the scheduler's ``prediction_type``
+        (the noise, the velocity or the clean latents). Gradients flow to ``condition``.
+
+        Args:
+            condition: ``(batch, *condition_shape)``, typically an output projector's output.
+            samples: latents with the UNet's ``in_channels`` (``(B, C, h, w)``, or
+                ``(B, C, F, h, w)`` for video), or media with the VAE's ``in_channels`` in [-1, 1]
+                (images ``(B, 3, H, W)``, video ``(B, 3, F, H, W)``, mel spectrograms
+                ``(B, 1, T, mels)``), which are encoded with the frozen VAE first.
+            generator: source of the noise, the timesteps and the VAE's latent sample.
+
+        Returns:
+            A scalar float32 tensor.
+        """
+        condition = self._check_condition(condition, "condition")
+        latents = self._latents(samples, generator)
+        if len(condition) != len(latents):
+            raise ValueError(f"condition has batch {len(condition)} but samples have batch {len(latents)}")
+        scheduler = self.noise_scheduler
+        noise = _randn(latents.shape, generator, latents.device, latents.dtype)
+        timesteps = _randint(scheduler.config.num_train_timesteps, len(latents), generator, latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.pipeline.unet(noisy, timesteps, **self._unet_condition(condition)).sample
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        return F.mse_loss(prediction.float(), target.float())
+
+    @property
+    def noise_scheduler(self) -> Any:
+        """A ``DDPMScheduler`` with the pipeline scheduler's noise schedule, for training."""
+        if self._noise_scheduler is None:
+            from diffusers import DDPMScheduler
+
+            self._noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        return self._noise_scheduler
+
+    @torch.no_grad()
+    def _latents(self, samples: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        unet_channels = self.pipeline.unet.config.in_channels
+        vae_channels = self.pipeline.vae.config.in_channels
+        samples = samples.to(self.device, self.dtype)
+        if samples.shape[1] == unet_channels:
+            return samples
+        if samples.shape[1] != vae_channels:
+            raise ValueError(f"samples must have {unet_channels} channels (latents) or {vae_channels} "
+                             f"(media for the VAE), got shape {tuple(samples.shape)}")
+        if samples.dim() == 5:  # video (B, C, F, H, W): encode frame by frame
+            batch, frames = samples.shape[0], samples.shape[2]
+            flat = samples.transpose(1, 2).flatten(0, 1)
+            latents = self._encode_media(flat, generator)
+            return latents.unflatten(0, (batch, frames)).transpose(1, 2)
+        return self._encode_media(samples, generator)
+
+    def _encode_media(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        vae = self.pipeline.vae
+        return vae.encode(media).latent_dist.sample(generator) * vae.config.scaling_factor
+
+    # Devices and saving --------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.dtype
+
+    def to(self, device: "str | torch.device | None" = None, dtype: "str | torch.dtype | None" = None) -> "Decoder":
+        """Move the weights; ``dtype`` is kept float32 on CPU (see :func:`resolve_dtype`)."""
+        device = torch.device(device) if device is not None else self.device
+        dtype = resolve_dtype(device, dtype if dtype is not None else self.dtype)
+        if device != self.device or dtype != self.dtype:
+            self.pipeline.to(device, dtype)
+        if self._negative is not None:
+            self._negative = self._negative.to(device, dtype)
+        return self
+
+    def save_pretrained(self, directory: "str | Path") -> Path:
+        """Save the pipeline (``DiffusionPipeline.save_pretrained``); reload it with
+        ``DecoderConfig(name=..., pretrained=directory)``."""
+        directory = Path(directory)
+        self.pipeline.save_pretrained(directory)
+        return directory
+
+
+class ClipConditionedDecoder(Decoder):
+    """A decoder conditioned on CLIP text hidden states ``(tokenizer max length, hidden size)``
+    through the UNet's cross-attention (Stable Diffusion, text-to-video)."""
+
+    text_config_class = "CLIPTextConfig"
+
+    @staticmethod
+    def _condition_shape(text_config: Any, max_length: int) -> tuple[int, int]:
+        return (int(max_length), int(text_config.hidden_size))
+
+    @staticmethod
+    def _tiny_text_config(arch: dict[str, Any]) -> Any:
+        return tiny.clip_text_config(arch)
+
+    @staticmethod
+    def _tiny_text_components(arch: dict[str, Any], seed: int) -> dict[str, Any]:
+        return {"text_encoder": tiny.clip_text_encoder(arch, seed),
+                "tokenizer": tiny.clip_tokenizer(arch["model_max_length"])}
+
+    def _encode_prompt(self, captions: list[str]) -> torch.Tensor:
+        prompt_embeds, _ = self.pipeline.encode_prompt(captions, self.device, 1, False)
+        return prompt_embeds
+
+
+# Helpers -----------------------------------------------------------------------------------
+
+
+def _check_choice(decoder: str, key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"decoder {decoder!r} arch.{key}: must be one of {', '.join(valid)}, got {value!r}")
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for what can only be a filesystem path (a hub id is ``name`` or ``namespace/name``)."""
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+
+
+def _resolve_source(pretrained: str) -> str:
+    """``pretrained`` as a local pipeline directory or a hub id; a missing path raises early."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise WeightsNotFoundError(
+                f"{pretrained!r} is a directory but not a diffusers pipeline (it has no model_index.json). "
+                "Point `pretrained` to a directory written by DiffusionPipeline.save_pretrained "
+                "(or Decoder.save_pretrained), or to a hub id.")
+        return str(path)
+    if _looks_like_path(pretrained):
+        raise WeightsNotFoundError(
+            f"decoder weights directory {pretrained!r} does not exist. Fix `pretrained` to point to a "
+            "diffusers pipeline directory, or to a hub id such as runwayml/stable-diffusion-v1-5.")
+    return pretrained
+
+
+@contextlib.contextmanager
+def _weights_errors(decoder: str, source: str, what: str) -> Iterator[None]:
+    """Turn the ``OSError`` of a failed load into a :class:`WeightsNotFoundError` saying how to fix it."""
+    try:
+        yield
+    except OSError as exc:
+        if Path(source).is_dir():
+            hint = ("The directory must hold a complete diffusers pipeline (model_index.json and one "
+                    "subfolder per component), such as one written by save_pretrained.")
+        else:
+            hint = (f"{source!r} is not in the local Hugging Face cache and could not be downloaded. "
+                    f"Download it where the hub is reachable (`huggingface-cli download {source}`), then "
+                    "either copy the cache here and set HF_HUB_OFFLINE=1, or point `pretrained` to the "
+                    "downloaded directory.")
+        raise WeightsNotFoundError(f"Cannot load the {what} of decoder {decoder!r} from {source!r}: {exc}. "
+                                   f"{hint}") from exc
+
+
+def _tokenizer_max_length(source: str, default: int) -> int:
+    """``model_max_length`` from the pipeline's ``tokenizer/tokenizer_config.json``."""
+    from transformers.utils import cached_file
+
+    path = cached_file(source, "tokenizer_config.json", subfolder="tokenizer")
+    max_length = json.loads(Path(path).read_text()).get("model_max_length")
+    # Tokenizers without a limit store a huge sentinel (transformers' VERY_LARGE_INTEGER).
+    if not isinstance(max_length, int) or max_length > 1_000_000:
+        return default
+    return max_length
+
+
+def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _randint(high: int, size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, high, (size,), generator=generator, device=gen_device).to(device)

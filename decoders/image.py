@@ -1,0 +1,79 @@
+"""Stable Diffusion (``StableDiffusionPipeline``): text-to-image, conditioned on CLIP hidden states.
+
+Registry name ``stable-diffusion``; real weights e.g. ``runwayml/stable-diffusion-v1-5``
+(conditioning 77 × 768).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from decoders import tiny
+from decoders.base import ClipConditionedDecoder, register
+
+__all__ = ["TINY_ARCH", "StableDiffusionDecoder"]
+
+#: Sizes of the tiny random Stable Diffusion; ``DecoderConfig.arch`` overrides any key.
+#: Defaults give 64×64 images (latent ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32.
+TINY_ARCH: dict[str, Any] = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "text_hidden_size": 32,
+    "text_intermediate_size": 37,
+    "text_num_layers": 2,
+    "text_num_heads": 4,
+    "model_max_length": 77,
+    "vae_block_out_channels": (32, 32, 64),
+    "latent_channels": 4,
+    "scheduler": "pndm",
+    "prediction_type": "epsilon",
+}
+
+
+@register
+class StableDiffusionDecoder(ClipConditionedDecoder):
+    """Images from Stable Diffusion 1.x / 2.x, conditioned on CLIP text hidden states.
+
+    The safety checker is disabled (``safety_checker=None, requires_safety_checker=False``):
+    generated images are returned unfiltered, and no CLIP image model is loaded for it. Filter
+    outputs yourself where your use requires it.
+    """
+
+    name = "stable-diffusion"
+    modality = "image"
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    tiny_arch = TINY_ARCH
+    size_options = {"height": "height", "width": "width"}
+    output_type = "pil"
+
+    @classmethod
+    def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
+        from diffusers import UNet2DConditionModel
+
+        blocks = tuple(arch["block_out_channels"])
+        with tiny.seeded(seed):
+            unet = UNet2DConditionModel(
+                sample_size=arch["sample_size"],
+                in_channels=arch["latent_channels"],
+                out_channels=arch["latent_channels"],
+                block_out_channels=blocks,
+                layers_per_block=arch["layers_per_block"],
+                attention_head_dim=arch["attention_head_dim"],
+                norm_num_groups=arch["norm_num_groups"],
+                cross_attention_dim=arch["text_hidden_size"],
+                **tiny.unet_block_types(len(blocks)),
+            )
+        return {
+            "unet": unet,
+            "vae": tiny.vae(arch, seed),
+            **cls._tiny_text_components(arch, seed),
+            "scheduler": tiny.scheduler(arch),
+            "feature_extractor": None,
+        }
+
+    def _to_media(self, output: Any, fps: float | None) -> list[Any]:
+        return list(output.images)

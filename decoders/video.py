@@ -1,0 +1,88 @@
+"""Text-to-video (``TextToVideoSDPipeline``): ModelScope / zeroscope, conditioned on CLIP states.
+
+Registry name ``text-to-video``; real weights e.g. ``cerspense/zeroscope_v2_576w``
+(conditioning 77 × 1024).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from anygpt.types import Video
+from decoders import tiny
+from decoders.base import ClipConditionedDecoder, register
+
+__all__ = ["TINY_ARCH", "TextToVideoDecoder"]
+
+#: Sizes of the tiny random text-to-video model; ``DecoderConfig.arch`` overrides any key.
+#: Defaults give 64×64 frames (latent ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32;
+#: decoders built from ``arch`` make 4 frames by default.
+TINY_ARCH: dict[str, Any] = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "text_hidden_size": 32,
+    "text_intermediate_size": 37,
+    "text_num_layers": 2,
+    "text_num_heads": 4,
+    "model_max_length": 77,
+    "vae_block_out_channels": (32, 32, 64),
+    "latent_channels": 4,
+    "scheduler": "ddim",
+    "prediction_type": "epsilon",
+}
+
+
+@register
+class TextToVideoDecoder(ClipConditionedDecoder):
+    """Videos from a ``TextToVideoSDPipeline`` (3-D UNet over frames, per-frame VAE).
+
+    Frames come back as uint8 ``(F, H, W, 3)`` with ``fps`` from the call, the config, or 8.
+    """
+
+    name = "text-to-video"
+    modality = "video"
+    pipeline_class = "TextToVideoSDPipeline"
+    tiny_arch = TINY_ARCH
+    tiny_call_defaults = {"num_frames": 4}
+    size_options = {"height": "height", "width": "width", "num_frames": "num_frames"}
+    output_type = "np"
+    #: frame rate when neither the call nor the config gives one (the pipeline's documented 8 fps).
+    default_fps: float = 8.0
+
+    @classmethod
+    def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
+        from diffusers import UNet3DConditionModel
+
+        blocks = tuple(arch["block_out_channels"])
+        with tiny.seeded(seed):
+            unet = UNet3DConditionModel(
+                sample_size=arch["sample_size"],
+                in_channels=arch["latent_channels"],
+                out_channels=arch["latent_channels"],
+                block_out_channels=blocks,
+                layers_per_block=arch["layers_per_block"],
+                attention_head_dim=arch["attention_head_dim"],
+                norm_num_groups=arch["norm_num_groups"],
+                cross_attention_dim=arch["text_hidden_size"],
+                **tiny.unet_block_types(len(blocks), suffix="3D"),
+            )
+        return {
+            "unet": unet,
+            "vae": tiny.vae(arch, seed),
+            **cls._tiny_text_components(arch, seed),
+            "scheduler": tiny.scheduler(arch),
+        }
+
+    def _to_media(self, output: Any, fps: float | None) -> list[Video]:
+        fps = float(fps or self.default_fps)
+        return [Video(frames=to_uint8(frames), fps=fps) for frames in output.frames]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] → uint8 (rounded, as diffusers' ``numpy_to_pil`` does)."""
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -1,0 +1,271 @@
+"""Tests of the ``decoders`` package on tiny random decoders (offline, CPU).
+
+Parity tests check that ``decode(encode_text([caption]))`` is exactly what the wrapped diffusers
+pipeline gives for ``prompt=caption``: the decoders add nothing to the pipelines but the
+conditioning interface.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import decoders
+from anygpt.config import DecoderConfig
+from anygpt.errors import ConfigError, UnknownNameError, WeightsNotFoundError
+from anygpt.types import Audio, Video
+
+NAMES = ["stable-diffusion", "audioldm", "text-to-video"]
+STEPS = 2
+GUIDANCE = 7.5
+CAPTION = "a photo of a cat"
+# Expected tiny conditioning shapes with `arch: {}`.
+TINY_SHAPES = {"stable-diffusion": (77, 32), "audioldm": (1, 32), "text-to-video": (77, 32)}
+# Sizes passed to decode() and to the raw pipeline alike.
+SIZES = {
+    "stable-diffusion": ({"height": 64, "width": 64}, {"height": 64, "width": 64}),
+    "audioldm": ({"audio_length_s": 1.0}, {"audio_length_in_s": 1.0}),
+    "text-to-video": ({"num_frames": 4}, {"num_frames": 4}),
+}
+
+
+def tiny_config(name: str, **overrides) -> DecoderConfig:
+    fields = {"name": name, "arch": {}, "steps": STEPS, "guidance": GUIDANCE, "seed": 0, **overrides}
+    return DecoderConfig(**fields)
+
+
+def as_array(media) -> np.ndarray:
+    if isinstance(media, Audio):
+        return media.waveform
+    if isinstance(media, Video):
+        return media.frames
+    return np.asarray(media)
+
+
+def raw_pipeline_media(decoder, pipeline_output) -> np.ndarray:
+    """The pipeline's own output, converted the way the decoder documents."""
+    if decoder.modality == "image":
+        return np.asarray(pipeline_output.images[0])
+    if decoder.modality == "audio":
+        return np.clip(pipeline_output.audios[0], -1.0, 1.0).astype(np.float32)
+    return decoders.video.to_uint8(pipeline_output.frames[0])
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def decoder(request):
+    return decoders.load_decoder(tiny_config(request.param))
+
+
+@pytest.fixture(scope="module")
+def seed0_media(decoder):
+    """One decode per decoder with seed 0, shared by several tests."""
+    return decoder.decode(decoder.encode_text([CAPTION]), seed=0, **SIZES[decoder.name][0])[0]
+
+
+# Import and registry ------------------------------------------------------------------------
+
+
+def test_import_does_not_load_diffusers_or_transformers():
+    code = ("import sys, decoders; heavy = [m for m in ('diffusers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy; print(sorted(decoders.DECODERS))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(sorted(NAMES))
+
+
+def test_unknown_decoder_name_lists_valid_names():
+    with pytest.raises(UnknownNameError) as info:
+        decoders.load_decoder(DecoderConfig(name="dall-e", arch={}))
+    for name in NAMES:
+        assert name in str(info.value)
+    with pytest.raises(UnknownNameError):
+        decoders.condition_shape(DecoderConfig(name="dall-e", arch={}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_arch_key_raises_config_error_listing_keys(name):
+    with pytest.raises(ConfigError, match="unknown key.*blocks.*valid keys: .*block_out_channels"):
+        decoders.condition_shape(tiny_config(name, arch={"blocks": 3}))
+    with pytest.raises(ConfigError, match="arch.scheduler: must be one of .*magic"):
+        decoders.load_decoder(tiny_config(name, arch={"scheduler": "magic"}))
+
+
+def test_unbuildable_arch_raises_config_error():
+    with pytest.raises(ConfigError, match="cannot build the tiny components"):
+        decoders.load_decoder(tiny_config("stable-diffusion", arch={"norm_num_groups": 7}))
+
+
+def test_clip_tokenizer_offline_matches_openai_clip():
+    tokenizer = decoders.tiny.clip_tokenizer()
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+# Conditioning --------------------------------------------------------------------------------
+
+
+def test_condition_shape_from_config(decoder):
+    config = tiny_config(decoder.name)
+    assert decoders.condition_shape(config) == decoder.condition_shape == TINY_SHAPES[decoder.name]
+    embeds = decoder.encode_text([CAPTION, "a dog barking"])
+    assert embeds.shape == (2, *decoder.condition_shape)
+    assert embeds.dtype == torch.float32 and not embeds.requires_grad
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_condition_shape_follows_arch_overrides(name):
+    width_key = "projection_dim" if name == "audioldm" else "text_hidden_size"
+    shape = decoders.condition_shape(tiny_config(name, arch={width_key: 48, "model_max_length": 40}))
+    assert shape == ((1, 48) if name == "audioldm" else (40, 48))
+
+
+def test_negative_condition_is_the_empty_caption_computed_once(decoder):
+    first = decoder.negative_condition
+    assert decoder.negative_condition is first
+    assert torch.equal(first, decoder.encode_text([""]))
+
+
+def test_audio_condition_is_l2_normalised():
+    decoder = decoders.load_decoder(tiny_config("audioldm"))
+    norms = decoder.encode_text([CAPTION, ""]).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_encode_text_rejects_a_bare_string(decoder):
+    with pytest.raises(ValueError, match="list of captions"):
+        decoder.encode_text(CAPTION)
+
+
+def test_decode_rejects_wrong_condition_shape(decoder):
+    bad = torch.zeros(1, 3, 5)
+    with pytest.raises(ValueError, match=r"shape \(batch, "):
+        decoder.decode(bad)
+
+
+# Decoding ------------------------------------------------------------------------------------
+
+
+def test_decode_returns_media_of_the_right_type_and_size(decoder, seed0_media):
+    media = seed0_media
+    if decoder.modality == "image":
+        assert media.size == (64, 64) and media.mode == "RGB"
+    elif decoder.modality == "audio":
+        assert isinstance(media, Audio)
+        assert media.sample_rate == 16000 and media.waveform.shape == (16000,)
+        assert media.waveform.dtype == np.float32 and np.abs(media.waveform).max() <= 1.0
+    else:
+        assert isinstance(media, Video)
+        assert media.frames.shape == (4, 64, 64, 3) and media.frames.dtype == np.uint8
+        assert media.fps == 8.0
+
+
+def test_decode_size_options():
+    image = decoders.load_decoder(tiny_config("stable-diffusion", height=32))
+    assert image.decode(image.negative_condition, width=48, seed=0)[0].size == (48, 32)
+    audio = decoders.load_decoder(tiny_config("audioldm", audio_length_s=0.5))
+    clips = audio.decode(audio.encode_text(["a", "b"]), seed=0)
+    assert [clip.waveform.shape for clip in clips] == [(8000,), (8000,)]
+    video = decoders.load_decoder(tiny_config("text-to-video", fps=12.0))
+    clip = video.decode(video.negative_condition, num_frames=2, height=32, width=32, seed=0)[0]
+    assert clip.frames.shape == (2, 32, 32, 3) and clip.fps == 12.0
+
+
+def test_decode_equals_the_pipeline_called_with_the_prompt(decoder, seed0_media):
+    decode_sizes, pipeline_sizes = SIZES[decoder.name]
+    reference = decoder.pipeline(
+        prompt=CAPTION,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(0),
+        output_type=decoder.output_type,
+        **pipeline_sizes,
+    )
+    assert np.array_equal(as_array(seed0_media), raw_pipeline_media(decoder, reference))
+
+
+def test_same_seed_same_media_other_seed_other_media(decoder, seed0_media):
+    condition = decoder.encode_text([CAPTION])
+    sizes = SIZES[decoder.name][0]
+    again = decoder.decode(condition, seed=0, **sizes)[0]
+    other = decoder.decode(condition, seed=1, **sizes)[0]
+    assert np.array_equal(as_array(again), as_array(seed0_media))
+    assert not np.array_equal(as_array(other), as_array(seed0_media))
+
+
+def test_explicit_negative_condition_and_no_guidance(decoder, seed0_media):
+    condition = decoder.encode_text([CAPTION])
+    sizes = SIZES[decoder.name][0]
+    explicit = decoder.decode(condition, negative_condition=decoder.encode_text([""]), seed=0, **sizes)[0]
+    assert np.array_equal(as_array(explicit), as_array(seed0_media))
+    unguided = decoder.decode(condition, guidance=1.0, seed=0, **sizes)[0]
+    assert not np.array_equal(as_array(unguided), as_array(seed0_media))
+
+
+# Saving and loading --------------------------------------------------------------------------
+
+
+def test_save_pretrained_reloads_identically(decoder, seed0_media, tmp_path_factory):
+    directory = decoder.save_pretrained(tmp_path_factory.mktemp(decoder.name))
+    config = DecoderConfig(name=decoder.name, pretrained=str(directory), steps=STEPS, guidance=GUIDANCE)
+    assert decoders.condition_shape(config) == decoder.condition_shape
+    reloaded = decoders.load_decoder(config)
+    assert type(reloaded) is type(decoder) and reloaded.dtype == torch.float32
+    assert torch.equal(reloaded.encode_text([CAPTION]), decoder.encode_text([CAPTION]))
+    media = reloaded.decode(reloaded.encode_text([CAPTION]), seed=0, **SIZES[decoder.name][0])[0]
+    assert np.array_equal(as_array(media), as_array(seed0_media))
+
+
+@pytest.mark.parametrize("pretrained", ["/no/such/decoder_dir", "./missing/local/dir", "nobody-xyz/no-such-model"])
+def test_missing_pretrained_raises_weights_not_found(pretrained):
+    config = DecoderConfig(name="stable-diffusion", pretrained=pretrained)
+    with pytest.raises(WeightsNotFoundError, match=pretrained):
+        decoders.load_decoder(config)
+    with pytest.raises(WeightsNotFoundError, match=pretrained):
+        decoders.condition_shape(config)
+
+
+def test_directory_without_pipeline_raises_weights_not_found(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="model_index.json"):
+        decoders.load_decoder(DecoderConfig(name="audioldm", pretrained=str(tmp_path)))
+
+
+def test_half_precision_request_stays_float32_on_cpu():
+    decoder = decoders.load_decoder(tiny_config("audioldm"), dtype=torch.float16)
+    assert decoder.dtype == torch.float32 and decoder.device.type == "cpu"
+
+
+# Training ------------------------------------------------------------------------------------
+
+
+def test_denoising_loss_from_images_has_gradient_to_condition():
+    decoder = decoders.load_decoder(tiny_config("stable-diffusion"))
+    condition = decoder.encode_text([CAPTION, "a dog"]).clone().requires_grad_(True)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss = decoder.denoising_loss(condition, images, generator=torch.Generator().manual_seed(0))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert condition.grad is not None and condition.grad.abs().sum() > 0
+    assert all(p.grad is None for p in decoder.pipeline.unet.parameters())
+    again = decoder.denoising_loss(condition.detach(), images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, loss.detach())
+
+
+def test_denoising_loss_on_latents_for_every_decoder(decoder):
+    latent_shape = {"image": (1, 4, 8, 8), "audio": (1, 4, 8, 8), "video": (1, 4, 2, 8, 8)}[decoder.modality]
+    condition = decoder.encode_text([CAPTION]).requires_grad_(True)
+    latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0))
+    loss = decoder.denoising_loss(condition, latents, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and condition.grad.abs().sum() > 0
+
+
+def test_denoising_loss_v_prediction_target():
+    decoder = decoders.load_decoder(tiny_config("stable-diffusion", arch={"prediction_type": "v_prediction"}))
+    assert decoder.noise_scheduler.config.prediction_type == "v_prediction"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    loss = decoder.denoising_loss(decoder.negative_condition, latents, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
