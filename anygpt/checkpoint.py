@@ -192,8 +192,15 @@ def convert_nextgpt_state_dict(state: dict[str, torch.Tensor], model: "AnyGPTMod
     (whole resized matrices, if present) and ``lora`` (``module path → (A, B)``).
     NExT-GPT uses one ``llama_proj`` for every input modality; it is copied to each.
     """
+    from anygpt.projectors import LinearInputProjector
+
     projectors: dict[str, torch.Tensor] = {}
-    for name in model.input_projectors:
+    for name, proj in model.input_projectors.items():
+        if not (isinstance(proj, LinearInputProjector) and proj.num_tokens == 1):
+            raise WeightsNotFoundError(
+                f"NExT-GPT checkpoint: its input projector `llama_proj` is one Linear layer giving one "
+                f"token, but modalities.{name}.input_projector is not; set it to "
+                f"{{kind: linear, num_tokens: 1}} to load this checkpoint")
         for suffix in ("weight", "bias"):
             if f"llama_proj.{suffix}" in state:
                 projectors[f"input_projectors.{name}.proj.{suffix}"] = state[f"llama_proj.{suffix}"]

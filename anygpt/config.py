@@ -283,16 +283,12 @@ class AnyGPTConfig:
         self.validate()
 
     def validate(self) -> None:
-        from anygpt.modalities import MODALITIES
-
         self.encoder.validate("encoder")
         self.llm.validate("llm")
         self.generation.validate("generation")
         _check(bool(self.modalities), "modalities", "at least one modality is required")
+        _check_modality_names(self.modalities)
         for name, modality in self.modalities.items():
-            if name not in MODALITIES:
-                raise UnknownNameError("modality", name, MODALITIES.names(),
-                                       hint="Fix the key under `modalities:` in the config")
             modality.validate(f"modalities.{name}")
 
     # Views ---------------------------------------------------------------------------------
@@ -347,6 +343,15 @@ class AnyGPTConfig:
         return cls.from_file(path)
 
 
+def _check_modality_names(modalities: dict) -> None:
+    from anygpt.modalities import MODALITIES
+
+    for name in modalities:
+        if name not in MODALITIES:
+            raise UnknownNameError("modality", name, MODALITIES.names(),
+                                   hint="Fix the key under `modalities:` in the config")
+
+
 def list_presets() -> list[str]:
     """Names of the presets shipped under ``anygpt/presets/``."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -371,6 +376,7 @@ def _build(tp: Any, data: Any, path: str) -> Any:
                               f"valid fields: {', '.join(sorted(fields))}")
         kwargs = {k: _build(hints[k], v, f"{path}.{k}") for k, v in data.items()}
         if tp is AnyGPTConfig and "modalities" in kwargs:
+            _check_modality_names(kwargs["modalities"] or {})
             kwargs["modalities"] = {
                 str(name): _build(ModalityConfig, m, f"{path}.modalities.{name}")
                 for name, m in (kwargs["modalities"] or {}).items()

@@ -353,6 +353,10 @@ def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_di
         arch = dict(config.arch)
         model_type = arch.pop("model_type")
         arch.setdefault("vocab_size", len(tokenizer))
+        # Architecture defaults (Llama: bos 1, eos 2) would name ordinary tokens of another
+        # tokenizer; the special ids must be the tokenizer's.
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            arch.setdefault(name, getattr(tokenizer, name))
         try:
             hf_config = AutoConfig.for_model(model_type, **arch)
         except (ValueError, TypeError) as exc:

@@ -78,7 +78,7 @@ MAX_AUDIO_CHANNELS = 32
 MAX_VIDEO_SECONDS = 3600.0
 #: Largest accepted video frame, in pixels (DCI 4K, 4096 x 2160, either orientation).
 MAX_VIDEO_FRAME_PIXELS = 4096 * 2160
-#: Default cap on the frames :func:`load_video` keeps, evenly spaced over the whole video.
+#: Default of :func:`load_video`'s ``max_frames``: frames kept, evenly spaced over the video.
 #: ImageBind looks at 5 clips x 2 frames; 32 frames keep those close to the source's timing
 #: while bounding memory (32 x 1080p RGB frames = 200 MB).
 MAX_VIDEO_FRAMES = 32
@@ -93,6 +93,7 @@ SEEK_MIN_FRAMES = 3000
 
 #: Pillow format names accepted by :func:`load_image` (identified from content, not suffix).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_NAMEABLE_IMAGE_FORMATS = ("TIFF", "ICO", "ICNS", "PSD", "JPEG2000", "DDS", "PPM", "QOI")
 #: libsndfile major formats accepted by :func:`load_audio` (the WAV family, FLAC, Ogg, MP3).
 AUDIO_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "FLAC", "OGG", "MP3")
 #: FFmpeg demuxer names accepted by :func:`load_video` (MP4/MOV, Matroska/WebM, AVI).
@@ -154,7 +155,8 @@ def _check_file(path: Any, kind: str) -> Path:
     except PermissionError as exc:
         raise MediaError(f"{p}: permission denied; make the file readable (chmod +r)") from exc
     except OSError as exc:
-        raise MediaError(f"{p}: cannot read the file ({exc.strerror or exc}); copy it locally") from exc
+        reason = exc.strerror or exc
+        raise MediaError(f"{p}: cannot read the file ({reason}); copy it to a local disk") from exc
     if not first:
         raise MediaError(f"{p}: the file is empty (0 bytes); the upload or copy may have failed")
     return p
@@ -242,8 +244,6 @@ def _decode_to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB (see :func:`load_image` for the rules)."""
-    if image.mode == "RGB":
-        return image
     if image.mode.startswith("I"):
         # 16-bit greyscale PNGs open as I;16 (or I); Pillow's own conversion clips at 255.
         levels = np.asarray(image, dtype=np.float32) / 257.0
@@ -253,7 +253,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _unsupported_image_message(path: Path) -> str:
@@ -268,7 +268,10 @@ def _unsupported_image_message(path: Path) -> str:
             f"{path}: not a valid {suffix} image (the content is not {supported} data; the file"
             " is corrupt or mislabelled); re-export it as PNG or JPEG"
         )
-    return f"{path}: unsupported image format {suffix} (need {supported}); convert it to PNG or JPEG"
+    return (
+        f"{path}: unsupported image format {suffix} (need {supported});"
+        " convert it to PNG or JPEG"
+    )
 
 
 def _detect_format(path: Path) -> str | None:
@@ -283,8 +286,9 @@ def _detect_format(path: Path) -> str | None:
     if head.startswith(b"%PDF"):
         return "PDF"
     try:
-        # Pillow knows many formats we do not accept (TIFF, ICO, PPM, ...): name them.
-        with Image.open(path) as other:
+        # Name formats Pillow knows but we do not accept. Only formats with a distinctive
+        # signature: weakly identified ones (TGA, PCX, ...) would misname random bytes.
+        with Image.open(path, formats=_NAMEABLE_IMAGE_FORMATS) as other:
             return other.format
     except Exception:  # noqa: BLE001 - any failure just means "not recognisable"
         logger.debug("%s: Pillow does not recognise the content either", path)
@@ -328,7 +332,8 @@ def _read_sound_file(path: Path) -> tuple[np.ndarray, int]:
         with sf.SoundFile(str(path)) as sound:
             _check_audio_header(path, sound.format, sound.samplerate, sound.channels, sound.frames)
             data = sound.read(dtype="float32", always_2d=True)
-            fmt, rate, declared, log = sound.format, sound.samplerate, sound.frames, sound.extra_info
+            fmt, rate, declared = sound.format, sound.samplerate, sound.frames
+            log = sound.extra_info
     except MediaError:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, OSError) as exc:
@@ -384,7 +389,9 @@ def _check_audio_complete(path: Path, fmt: str, declared: int, decoded: int, log
     * any format: fewer samples decoded than the header declares (MP3, FLAC);
     * WAV: the ``data`` chunk declares more bytes than the file holds (libsndfile shortens the
       stream to what is there);
-    * Ogg: the last page lacks the end-of-stream flag (the writer never finished).
+    * Ogg: the last page lacks the end-of-stream flag (the writer never finished). A cut inside
+      the final page goes unnoticed: libsndfile drops the partial page as "junk", which some
+      valid files also carry (appended tags), so it is not treated as an error.
     """
     short = None
     if decoded < declared:
@@ -394,7 +401,9 @@ def _check_audio_complete(path: Path, fmt: str, declared: int, decoded: int, log
     elif fmt == "OGG" and "lacks an end-of-stream" in log:
         short = "the last Ogg page has no end-of-stream mark"
     if short:
-        raise MediaError(f"{path}: the audio file is truncated ({short}); re-export or re-download it")
+        raise MediaError(
+            f"{path}: the audio file is truncated ({short}); re-export or re-download it"
+        )
 
 
 def _wav_truncation(path: Path) -> str | None:
@@ -438,12 +447,15 @@ def _validate_audio(audio: Audio, name: str) -> Audio:
         raise MediaError(f"{name}: waveform dtype {waveform.dtype} is not numeric; use float32")
     waveform = waveform.astype(np.float32, copy=False)
     rate = audio.sample_rate
-    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+    if not isinstance(rate, (int, float, np.number)) or rate <= 0 or rate != int(rate):
         raise MediaError(f"{name}: sample rate {rate!r} is not a positive integer")
     if waveform.shape[-1] == 0 or waveform.size == 0:
         raise MediaError(f"{name}: the audio has no samples (zero length); use a longer recording")
     if not np.isfinite(waveform).all():
-        raise MediaError(f"{name}: the audio contains NaN or infinite samples; the file is corrupt")
+        raise MediaError(
+            f"{name}: the audio contains NaN or infinite samples; whatever produced it is broken:"
+            " re-export the file (or clean the array with np.nan_to_num)"
+        )
     return Audio(waveform=waveform, sample_rate=int(rate))
 
 
@@ -485,7 +497,8 @@ def load_video(video: PathLike | Video, max_frames: int | None = MAX_VIDEO_FRAME
     import av
 
     try:
-        container = av.open(str(path), mode="r")
+        # Undecodable metadata text is no reason to refuse the pictures.
+        container = av.open(str(path), mode="r", metadata_errors="replace")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise MediaError(
             f"{path}: not a readable video ({_ffmpeg_reason(exc)}); the file is corrupt,"
@@ -498,7 +511,9 @@ def load_video(video: PathLike | Video, max_frames: int | None = MAX_VIDEO_FRAME
     return Video(frames=np.stack(frames), fps=fps)
 
 
-def _read_video(container: Any, path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
+def _read_video(
+    container: Any, path: Path, max_frames: int | None
+) -> tuple[list[np.ndarray], float]:
     """Validate the container and its first video stream, then sample frames from it."""
     import av
 
@@ -511,7 +526,9 @@ def _read_video(container: Any, path: Path, max_frames: int | None) -> tuple[lis
         if seek:
             frames = _decode_by_seeking(container, stream, path, duration, max_frames)
             return frames, len(frames) / duration
-        frames, stride, decoded = _decode_sequentially(container, stream, path, max_frames, estimate)
+        frames, stride, decoded = _decode_sequentially(
+            container, stream, path, max_frames, estimate
+        )
         _check_frame_count(path, stream.frames, decoded)
         return frames, fps / stride
     except MediaError:
@@ -562,7 +579,7 @@ def _probe_video(container: Any, stream: Any, path: Path) -> tuple[float, float 
     if duration is not None and duration > MAX_VIDEO_SECONDS:
         raise MediaError(
             f"{path}: video is {duration:.0f} s long, over the limit of {MAX_VIDEO_SECONDS:.0f} s;"
-            " trim it (e.g. ffmpeg -i in.mp4 -t 600 out.mp4)"
+            f" trim it (e.g. ffmpeg -i in.mp4 -t {MAX_VIDEO_SECONDS:.0f} out.mp4)"
         )
     estimate = stream.frames or (round(duration * float(rate)) if duration else None)
     return float(rate), duration, estimate
@@ -625,9 +642,9 @@ def _decode_by_seeking(
     for i in range(count):
         target = i * duration / count
         container.seek(start_pts + int(target / time_base), stream=stream, backward=True)
+        candidates = container.decode(stream)
         frame = next(
-            (f for f in container.decode(stream) if f.time is None or f.time - start >= target - tolerance),
-            None,
+            (f for f in candidates if f.time is None or f.time - start >= target - tolerance), None
         )
         if frame is None:
             raise MediaError(
@@ -734,7 +751,9 @@ def audio_to_encoder_input(audio: PathLike | Audio, clips: int = AUDIO_CLIPS) ->
     return torch.stack(specs)
 
 
-def _clip_bounds(duration: float, clip_seconds: float, clips: int) -> list[tuple[Fraction, Fraction]]:
+def _clip_bounds(
+    duration: float, clip_seconds: float, clips: int
+) -> list[tuple[Fraction, Fraction]]:
     """Clip (start, end) times of pytorchvideo's ``ConstantClipsPerVideoSampler``."""
     length = Fraction(clip_seconds)
     step = Fraction(max(duration - clip_seconds, 0)) / clips
@@ -818,8 +837,8 @@ def _clip_frame_indices(num_frames: int, fps: float, start: Fraction, end: Fract
     if last < first:
         first = last = min(round(float(start) * fps), num_frames - 1)
     # UniformTemporalSubsample: linspace(0, n - 1, k) truncated to integers.
-    span = last - first
-    return [first + int(span * k / (VIDEO_FRAMES_PER_CLIP - 1)) for k in range(VIDEO_FRAMES_PER_CLIP)]
+    span, count = last - first, VIDEO_FRAMES_PER_CLIP
+    return [first + int(span * k / (count - 1)) for k in range(count)]
 
 
 def _short_side_scale(clip: "torch.Tensor", size: int) -> "torch.Tensor":
@@ -863,7 +882,7 @@ def write_media(modality: str, value: Any, path: PathLike) -> Path:
     """
     writer = _WRITERS.get(modality)
     if writer is None:
-        raise UnknownNameError("modality", modality, list(_WRITERS), hint="nothing to write it with")
+        raise UnknownNameError("modality", modality, list(_WRITERS))
     return writer(value, path)
 
 
@@ -877,7 +896,9 @@ def write_image(image: Image.Image | np.ndarray, path: PathLike) -> Path:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(_as_uint8_image(image))
     if not isinstance(image, Image.Image):
-        raise MediaError(f"{path}: cannot write a {type(image).__name__} as an image; pass a PIL image")
+        raise MediaError(
+            f"{path}: cannot write a {type(image).__name__} as an image; pass a PIL image"
+        )
     if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
         image = image.convert("RGB")
     return _write_file(path, "image", lambda target: image.save(target, format="PNG"))
@@ -885,7 +906,8 @@ def write_image(image: Image.Image | np.ndarray, path: PathLike) -> Path:
 
 def _as_uint8_image(array: np.ndarray) -> np.ndarray:
     """Validate an image array for :func:`write_image`."""
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+    channels_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if array.dtype != np.uint8 or not channels_ok:
         raise MediaError(
             f"cannot write an array of shape {array.shape} and dtype {array.dtype} as an image;"
             " expected uint8 (H, W), (H, W, 3) or (H, W, 4)"
@@ -901,7 +923,9 @@ def write_audio(audio: Audio, path: PathLike) -> Path:
     import soundfile as sf
 
     if not isinstance(audio, Audio):
-        raise MediaError(f"{path}: cannot write a {type(audio).__name__} as audio; pass an anygpt.types.Audio")
+        raise MediaError(
+            f"{path}: cannot write a {type(audio).__name__} as audio; pass an anygpt.types.Audio"
+        )
     audio = _validate_audio(audio, str(path))
     data = audio.waveform if audio.waveform.ndim == 1 else audio.waveform.T
     if np.abs(data).max() > 1.0:
@@ -922,7 +946,9 @@ def write_video(video: Video, path: PathLike) -> Path:
     ``video.fps`` (rational approximations with denominators up to 1001, e.g. 30000/1001).
     """
     if not isinstance(video, Video):
-        raise MediaError(f"{path}: cannot write a {type(video).__name__} as video; pass an anygpt.types.Video")
+        raise MediaError(
+            f"{path}: cannot write a {type(video).__name__} as video; pass an anygpt.types.Video"
+        )
     video = _validate_video(video, str(path))
     frames = video.frames
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
@@ -973,7 +999,7 @@ def _write_file(path: PathLike, kind: str, save: Callable[[Path], None]) -> Path
     except Exception as exc:  # writers raise OSError, RuntimeError, av/soundfile errors
         _remove_partial(target)
         raise MediaError(
-            f"{target}: cannot write the {kind} ({exc}); check that the folder exists and is writable"
+            f"{target}: cannot write the {kind} ({exc}); check that the folder is writable"
         ) from exc
     return target
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 from decoders.base import DECODERS, Decoder
 
-# Each module registers its decoder on import (without importing diffusers).
-from decoders import image, audio, video  # noqa: E402,F401
+# Each module registers its decoder on import (without importing diffusers), in modality order.
+from decoders import image, audio, video  # noqa: F401,I001  isort: skip
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +45,9 @@ def get_decoder_class(name: str) -> type[Decoder]:
 
 
 def load_decoder(
-    config: "DecoderConfig",
-    device: "str | torch.device" = "cpu",
-    dtype: "str | torch.dtype | None" = None,
+    config: DecoderConfig,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> Decoder:
     """Load (``config.pretrained``) or build (``config.arch``) the decoder named ``config.name``.
 
@@ -64,6 +64,6 @@ def load_decoder(
     return get_decoder_class(config.name).from_config(config, device=device, dtype=dtype)
 
 
-def condition_shape(config: "DecoderConfig") -> tuple[int, int]:
+def condition_shape(config: DecoderConfig) -> tuple[int, int]:
     """The conditioning shape of the decoder ``config`` describes, without loading its weights."""
     return get_decoder_class(config.name).condition_shape_from_config(config)

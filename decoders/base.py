@@ -16,8 +16,9 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,19 +35,19 @@ __all__ = ["DECODERS", "Decoder", "ClipConditionedDecoder", "register", "resolve
 
 logger = logging.getLogger(__name__)
 
-DECODERS: "Registry[type[Decoder]]" = Registry("decoder")
+DECODERS: Registry[type[Decoder]] = Registry("decoder")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def register(cls: "type[Decoder]") -> "type[Decoder]":
+def register(cls: type[Decoder]) -> type[Decoder]:
     """Class decorator: add a decoder class to :data:`DECODERS` under its ``name``."""
     DECODERS.add(cls.name, cls)
     return cls
 
 
-def resolve_dtype(device: "str | torch.device", dtype: "str | torch.dtype | None" = None) -> torch.dtype:
+def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """The weights dtype for ``device``: ``dtype`` on accelerators, always float32 on CPU.
 
     Half precision on CPU is slow and unsupported by some kernels, so it is replaced by float32
@@ -97,7 +98,7 @@ class Decoder:
     #: the pipeline's ``output_type`` that :meth:`_to_media` converts.
     output_type: ClassVar[str]
 
-    def __init__(self, pipeline: "DiffusionPipeline", config: DecoderConfig):
+    def __init__(self, pipeline: DiffusionPipeline, config: DecoderConfig):
         self.pipeline = pipeline
         self.config = config
         self._negative: torch.Tensor | None = None
@@ -117,9 +118,9 @@ class Decoder:
     def from_config(
         cls,
         config: DecoderConfig,
-        device: "str | torch.device" = "cpu",
-        dtype: "str | torch.dtype | None" = None,
-    ) -> "Decoder":
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> Decoder:
         """Load ``config.pretrained`` (hub id or local directory) or build ``config.arch``.
 
         Args:
@@ -144,19 +145,19 @@ class Decoder:
         return decoder
 
     @classmethod
-    def _pipeline_type(cls) -> "type[DiffusionPipeline]":
+    def _pipeline_type(cls) -> type[DiffusionPipeline]:
         import diffusers
 
         return getattr(diffusers, cls.pipeline_class)
 
     @classmethod
-    def _load_pipeline(cls, pretrained: str, dtype: torch.dtype) -> "DiffusionPipeline":
+    def _load_pipeline(cls, pretrained: str, dtype: torch.dtype) -> DiffusionPipeline:
         source = _resolve_source(pretrained)
         with _weights_errors(cls.name, source, "pipeline"):
             return cls._pipeline_type().from_pretrained(source, dtype=dtype, **cls.pipeline_kwargs)
 
     @classmethod
-    def _build_tiny_pipeline(cls, config: DecoderConfig) -> "DiffusionPipeline":
+    def _build_tiny_pipeline(cls, config: DecoderConfig) -> DiffusionPipeline:
         arch = cls.resolve_arch(config.arch)
         try:
             components = cls._tiny_components(arch, config.seed)
@@ -166,7 +167,7 @@ class Decoder:
         return cls._pipeline_type()(**components, **cls.pipeline_kwargs)
 
     @classmethod
-    def resolve_arch(cls, arch: "Mapping[str, Any] | None") -> dict[str, Any]:
+    def resolve_arch(cls, arch: Mapping[str, Any] | None) -> dict[str, Any]:
         """``tiny_arch`` with the keys of ``arch`` overridden (lists become tuples).
 
         Raises:
@@ -321,7 +322,10 @@ class Decoder:
         return condition.to(self.device, self.dtype)
 
     def _negative_for(self, condition: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
-        negative = self.negative_condition if negative is None else self._check_condition(negative, "negative_condition")
+        if negative is None:
+            negative = self.negative_condition
+        else:
+            negative = self._check_condition(negative, "negative_condition")
         if len(negative) not in (1, len(condition)):
             raise ValueError(f"negative_condition has batch {len(negative)}; expected 1 or {len(condition)} "
                              "(the batch of condition)")
@@ -433,7 +437,7 @@ class Decoder:
     def dtype(self) -> torch.dtype:
         return self.pipeline.dtype
 
-    def to(self, device: "str | torch.device | None" = None, dtype: "str | torch.dtype | None" = None) -> "Decoder":
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Decoder:
         """Move the weights; ``dtype`` is kept float32 on CPU (see :func:`resolve_dtype`)."""
         device = torch.device(device) if device is not None else self.device
         dtype = resolve_dtype(device, dtype if dtype is not None else self.dtype)
@@ -443,7 +447,7 @@ class Decoder:
             self._negative = self._negative.to(device, dtype)
         return self
 
-    def save_pretrained(self, directory: "str | Path") -> Path:
+    def save_pretrained(self, directory: str | Path) -> Path:
         """Save the pipeline (``DiffusionPipeline.save_pretrained``); reload it with
         ``DecoderConfig(name=..., pretrained=directory)``."""
         directory = Path(directory)
@@ -535,11 +539,14 @@ def _tokenizer_max_length(source: str, default: int) -> int:
     return max_length
 
 
-def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device,
+           dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
 
 
 def _randint(high: int, size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, high, (size,), generator=generator, device=gen_device).to(device)
+    """``size`` integers in ``[0, high)`` drawn on the generator's device, then moved to ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.randint(0, high, (size,), generator=generator, device=source).to(device)

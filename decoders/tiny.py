@@ -17,8 +17,9 @@ import contextlib
 import functools
 import gzip
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def seeded(seed: int) -> Iterator[None]:
 # Tokenizers --------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP's reversible map from the 256 byte values to printable unicode characters."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -74,7 +75,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
 
 
 def _clip_bpe_file() -> Path:

@@ -1,0 +1,47 @@
+"""The `anygpt` command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+from anygpt.cli import main
+
+
+def test_generate_writes_media_and_reports_paths(media_files, tmp_path):
+    out_dir = tmp_path / "answer"
+    cmd = [sys.executable, "-m", "anygpt", "generate", "--preset", "tiny", "Look <image> and draw",
+           "--image", str(media_files["image"]), "--audio", str(media_files["audio"]),
+           "--video", str(media_files["video"]), "--outputs", "image,audio,video", "--seed", "0",
+           "--out", str(out_dir), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("image_0.png", "audio_0.wav", "video_0.mp4", "answer.json"):
+        assert f"wrote {out_dir / name}" in proc.stdout
+        assert (out_dir / name).stat().st_size > 0
+    answer = json.loads((out_dir / "answer.json").read_text())
+    assert [s["type"] for s in answer["segments"] if s["type"] != "text"] == ["image", "audio", "video"]
+
+
+def test_errors_print_one_line_and_exit_nonzero(capsys, tmp_path):
+    assert main(["generate", "--preset", "nope", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown preset 'nope'; valid names: mini, nextgpt-7b, tiny")
+    assert "Traceback" not in err
+
+    assert main(["generate", "--preset", "tiny", "hi", "--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "Traceback" not in err
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("llm: {arch: {model_type: llama}}\n")
+    assert main(["generate", "--model", str(bad), "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_presets_lists_components(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "nextgpt-7b:" in out and "runwayml/stable-diffusion-v1-5" in out and "tiny:" in out
+    assert main(["presets", "--show", "tiny"]) == 0
+    assert "name: tiny" in capsys.readouterr().out
