@@ -11,27 +11,22 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Generator, Sequence
+from typing import Generator, Optional, Sequence
 
 import torch
 
+from anygpt.config import GenerationConfig
 from anygpt.llm import LanguageModel
 
 __all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream"]
 
 
 @dataclass
-class SamplingSettings:
-    """Per-call LLM settings (see :class:`anygpt.config.GenerationConfig` for the defaults)."""
+class SamplingSettings(GenerationConfig):
+    """Per-call LLM settings: the config's generation defaults plus the sampling seed
+    (None: a fresh random seed)."""
 
-    max_new_tokens: int = 256
-    do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop_strings: Sequence[str] = ()
-    seed: int | None = None
+    seed: Optional[int] = None
 
 
 @dataclass

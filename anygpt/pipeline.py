@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -201,11 +201,10 @@ class AnyGPTPipeline:
         if unknown:
             raise ConfigError(f"unknown generation setting(s) {', '.join(sorted(unknown))}; valid: "
                               f"{', '.join(sorted(names | set(_DECODE_OPTIONS)))}")
-        defaults = self.config.generation
-        sampling = SamplingSettings(**{
-            n: settings[n] if settings.get(n) is not None else getattr(defaults, n, getattr(SamplingSettings, n))
-            for n in names if n != "seed"}, seed=settings.get("seed"))
-        replace(defaults, **{n: getattr(sampling, n) for n in names if hasattr(defaults, n)}).validate()
+        values = asdict(self.config.generation)
+        values.update({n: v for n, v in settings.items() if n in names and v is not None})
+        sampling = SamplingSettings(**values)
+        sampling.validate()
         decode_opts = {k: settings[k] for k in _DECODE_OPTIONS if settings.get(k) is not None}
         return sampling, decode_opts
 

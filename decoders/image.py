@@ -15,22 +15,7 @@ __all__ = ["TINY_ARCH", "StableDiffusionDecoder"]
 
 #: Sizes of the tiny random Stable Diffusion; ``DecoderConfig.arch`` overrides any key.
 #: Defaults give 64×64 images (latent ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32.
-TINY_ARCH: dict[str, Any] = {
-    "sample_size": 16,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-    "text_hidden_size": 32,
-    "text_intermediate_size": 37,
-    "text_num_layers": 2,
-    "text_num_heads": 4,
-    "model_max_length": 77,
-    "vae_block_out_channels": (32, 32, 64),
-    "latent_channels": 4,
-    "scheduler": "pndm",
-    "prediction_type": "epsilon",
-}
+TINY_ARCH: dict[str, Any] = {**tiny.CLIP_TINY_ARCH, "scheduler": "pndm"}
 
 
 @register

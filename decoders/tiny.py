@@ -53,6 +53,25 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+#: Sizes shared by the tiny CLIP-conditioned decoders (image, video): 64×64 output (latent
+#: ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32. Each decoder adds its scheduler.
+CLIP_TINY_ARCH: dict[str, Any] = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "text_hidden_size": 32,
+    "text_intermediate_size": 37,
+    "text_num_layers": 2,
+    "text_num_heads": 4,
+    "model_max_length": 77,
+    "vae_block_out_channels": (32, 32, 64),
+    "latent_channels": 4,
+    "prediction_type": "epsilon",
+}
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block with ``torch.manual_seed(seed)``, restoring the global CPU RNG afterwards."""
