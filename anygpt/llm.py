@@ -430,7 +430,8 @@ def _add_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
     New rows are the mean of the existing rows plus seeded noise of the rows' spread: in the
     distribution of real tokens (so the LLM does not ignore or over-weight them) yet distinct.
     """
-    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()  # builds a dict of the whole vocabulary: once, not per token
+    missing = [t for t in tokens if t not in vocab]
     if not missing:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -443,8 +444,10 @@ def _add_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
     model.resize_token_embeddings(new, mean_resizing=False)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
-            weight = emb.weight
+        # Tied input/output embeddings share one tensor: initialise it once.
+        modules = (model.get_input_embeddings(), model.get_output_embeddings())
+        weights = {m.weight.data_ptr(): m.weight for m in modules if m is not None}
+        for weight in weights.values():
             base = weight[:old].float()
             mean, std = base.mean(0), base.std(0)
             noise = torch.randn(new - old, weight.shape[1], generator=gen)

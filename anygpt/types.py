@@ -79,8 +79,9 @@ class MediaSegment:
     Attributes:
         modality: "image", "audio" or "video".
         value: ``PIL.Image.Image``, :class:`Audio` or :class:`Video`.
-        forced: True when the signal run was completed or appended by the pipeline rather
-            than written (entirely) by the LLM.
+        forced: True when the pipeline appended the whole signal run because the LLM wrote
+            none for a requested output (a run the LLM began and the pipeline completed is not
+            forced).
     """
 
     modality: str
