@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -93,12 +93,14 @@ class PromptInputs:
         media_mask: (L,) True at media slots.
         media: the media filling the slots, in order; each fills ``num_tokens`` consecutive slots.
         dropped_turns: how many leading turns were dropped to fit the context.
+        labels: (L,) training targets (-100 where no loss), from :meth:`LanguageModel.tokenize_dialogue`.
     """
 
     input_ids: torch.Tensor
     media_mask: torch.Tensor
     media: list[MediaRef]
     dropped_turns: int = 0
+    labels: Optional[torch.Tensor] = None
 
 
 _MARKER = "<|anygpt-media-{}|>"
@@ -189,14 +191,17 @@ class LanguageModel:
             return "chat_template" if has_template else "nextgpt"
         return fmt
 
-    def render(self, turns: Sequence[Turn]) -> str:
-        """The prompt text for ``turns`` (ending with the assistant's cue), media as markers."""
+    def render(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``turns``, media as markers; with ``add_generation_prompt`` it
+        ends with the assistant's cue (chat templates; the NExT-GPT format always does after a
+        user turn)."""
         texts = [(t.role, text) for t, (text, _) in zip(turns, self._placed(turns))]
         if self.prompt_format == "chat_template":
             messages = [{"role": r, "content": t} for r, t in texts]
             if self.config.system_prompt and not any(r == "system" for r, _ in texts):
                 messages.insert(0, {"role": "system", "content": self.config.system_prompt})
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
         parts = [self.config.system_prompt + "\n"] if self.config.system_prompt else []
         for role, text in texts:
             if role == "user":
@@ -244,27 +249,63 @@ class LanguageModel:
             f"max_new_tokens")
 
     def _tokenize(self, turns: Sequence[Turn], num_media_tokens: dict[str, int]) -> PromptInputs:
-        text = self.render(turns)
         media = [m for _, refs in self._placed(turns) for m in refs]
+        return self._encode(self.render(turns), media, num_media_tokens)
+
+    def tokenize_dialogue(self, turns: Sequence[Turn], num_media_tokens: dict[str, int]) -> PromptInputs:
+        """Tokenise a whole dialogue for training: ``labels`` hold the ids of every assistant
+        answer (including its end-of-turn marker, so the model learns to stop) and -100
+        elsewhere. Signal runs written in the answers (``[IMG0]…``) are labelled like text.
+
+        Raises:
+            ConfigError: the chat template does not render turns incrementally (an earlier
+                prefix of the dialogue is not a prefix of its full rendering).
+        """
+        if not any(t.role == "assistant" for t in turns):
+            raise ConfigError("a training dialogue needs at least one assistant turn")
+        full = self.render(turns, add_generation_prompt=False)
+        spans = []
+        for i, turn in enumerate(turns):
+            if turn.role != "assistant":
+                continue
+            start = self.render(turns[:i], add_generation_prompt=True)
+            end = self.render(turns[: i + 1], add_generation_prompt=False)
+            if not (full.startswith(start) and full.startswith(end) and len(end) > len(start)):
+                raise ConfigError("the LLM's chat template does not render a dialogue turn by turn; "
+                                  "use prompt_format: nextgpt for training")
+            spans.append((len(start), len(end)))
+        media = [m for _, refs in self._placed(turns) for m in refs]
+        return self._encode(full, media, num_media_tokens, spans)
+
+    def _encode(self, text: str, media: list[MediaRef], num_media_tokens: dict[str, int],
+                label_spans: Sequence[tuple[int, int]] = ()) -> PromptInputs:
+        """Tokenise rendered text: markers become ``<Img>`` + media slots + ``</Img>``; characters
+        inside ``label_spans`` are labelled with their ids (only when spans are given)."""
         ids: list[int] = []
         mask: list[bool] = []
+        labels: list[int] = []
         if self.prompt_format == "nextgpt" and self.tokenizer.bos_token_id is not None:
             ids.append(self.tokenizer.bos_token_id)
             mask.append(False)
-        pieces = _MARKER_RE.split(text)
-        # split() alternates text, marker index, text, ...
-        for i, piece in enumerate(pieces):
-            if i % 2 == 0:
-                if piece:
-                    toks = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-                    ids.extend(toks)
-                    mask.extend([False] * len(toks))
+            labels.append(-100)
+        cuts = sorted({0, len(text)} | {p for span in label_spans for p in span}
+                      | {p for m in _MARKER_RE.finditer(text) for p in m.span()})
+        for a, b in zip(cuts, cuts[1:]):
+            piece = text[a:b]
+            marker = _MARKER_RE.fullmatch(piece)
+            if marker:
+                k = num_media_tokens[media[int(marker.group(1))].modality]
+                ids.extend([self.media_begin_id] * (k + 1) + [self.media_end_id])
+                mask.extend([False] + [True] * k + [False])
+                labels.extend([-100] * (k + 2))
                 continue
-            ref = media[int(piece)]
-            k = num_media_tokens[ref.modality]
-            ids.extend([self.media_begin_id] + [self.media_begin_id] * k + [self.media_end_id])
-            mask.extend([False] + [True] * k + [False])
-        return PromptInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), media)
+            toks = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids.extend(toks)
+            mask.extend([False] * len(toks))
+            labelled = any(s <= a and b <= e for s, e in label_spans)
+            labels.extend(toks if labelled else [-100] * len(toks))
+        return PromptInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), media,
+                            labels=torch.tensor(labels, dtype=torch.long) if label_spans else None)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

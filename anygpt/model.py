@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +23,17 @@ from anygpt.projectors import OutputProjector, build_input_projector
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnyGPTModel", "decoder_config"]
+__all__ = ["AnyGPTModel", "ModelOutput", "decoder_config"]
+
+
+@dataclass
+class ModelOutput:
+    """Result of :meth:`AnyGPTModel.forward`: LM loss (None without labels), last-layer hidden
+    states (B, L, H) and logits (B, L, V)."""
+
+    loss: Optional[torch.Tensor]
+    hidden_states: torch.Tensor
+    logits: torch.Tensor
 
 
 def decoder_config(config: AnyGPTConfig, modality: str, base_dir: Path | None = None):
@@ -105,14 +117,76 @@ class AnyGPTModel(nn.Module):
         Returns:
             (1, L, llm_dim)
         """
-        ids = prompt.input_ids.to(self.device)
-        embeds = self.lm.embed(ids)  # (L, H)
-        if prompt.media:
-            parts = [self.project_media(ref.modality, emb[None])[0]  # (k, H)
-                     for ref, emb in zip(prompt.media, media_embeddings)]
-            embeds = embeds.masked_scatter(prompt.media_mask.to(self.device)[:, None],
-                                           torch.cat(parts).to(embeds.dtype))
-        return embeds[None]
+        items = [(ref.modality, emb) for ref, emb in zip(prompt.media, media_embeddings)]
+        return self.embed_inputs(prompt.input_ids[None], prompt.media_mask[None], items)
+
+    def embed_inputs(self, input_ids: torch.Tensor, media_mask: torch.Tensor,
+                     media: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Token embeddings with projected media spliced into the media slots.
+
+        Args:
+            input_ids: (B, L) token ids (media slots hold a placeholder id).
+            media_mask: (B, L) True at media slots.
+            media: ``(modality, encoder embedding (encoder_dim,))`` per item, in slot order
+                (row by row, left to right); each item fills its projector's ``num_tokens`` slots.
+
+        Returns:
+            (B, L, llm_dim); differentiable w.r.t. the input projectors and embedding rows.
+        """
+        ids = input_ids.to(self.device)
+        embeds = self.lm.embed(ids)  # (B, L, H)
+        if not media:
+            return embeds
+        projected: list[torch.Tensor | None] = [None] * len(media)
+        for modality in dict.fromkeys(m for m, _ in media):  # one batch per modality
+            index = [i for i, (m, _) in enumerate(media) if m == modality]
+            out = self.project_media(modality, torch.stack([media[i][1] for i in index]))  # (N, k, H)
+            for i, vectors in zip(index, out):
+                projected[i] = vectors
+        slots = torch.cat(projected).to(embeds.dtype)  # (sum of k, H)
+        return embeds.masked_scatter(media_mask.to(self.device)[..., None], slots)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                media_mask: torch.Tensor | None = None, media: Sequence[tuple[str, torch.Tensor]] = (),
+                labels: torch.Tensor | None = None) -> ModelOutput:
+        """A teacher-forced pass (training and evaluation).
+
+        Args:
+            input_ids, attention_mask, media_mask, labels: (B, L); labels are -100 where no loss.
+            media: see :meth:`embed_inputs`.
+
+        Returns:
+            :class:`ModelOutput` with the LM loss (if ``labels``) and last-layer hidden states.
+        """
+        if media_mask is None:
+            media_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        embeds = self.embed_inputs(input_ids, media_mask, media)
+        out = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                            labels=None if labels is None else labels.to(self.device),
+                            output_hidden_states=True)
+        return ModelOutput(loss=out.loss, hidden_states=out.hidden_states[-1], logits=out.logits)
+
+    def signal_states(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
+        """The hidden states of every ``modality`` signal run in a batch.
+
+        Args:
+            hidden_states: (B, L, H) from :meth:`forward`.
+            input_ids: (B, L).
+
+        Returns:
+            (R, S, H): one row per run, in batch then position order.
+
+        Raises:
+            ValueError: a run in ``input_ids`` is incomplete.
+        """
+        run = torch.tensor(self.lm.signal_ids[modality], device=input_ids.device)
+        rows, starts = (input_ids == run[0]).nonzero(as_tuple=True)
+        positions = starts[:, None] + torch.arange(len(run), device=input_ids.device)  # (R, S)
+        if positions.numel() and (positions.max() >= input_ids.shape[1]
+                                  or not torch.equal(input_ids[rows[:, None], positions], run.expand_as(positions))):
+            raise ValueError(f"an incomplete {modality} signal run in the batch; runs must hold all "
+                             f"{len(run)} tokens in order")
+        return hidden_states[rows.to(hidden_states.device)[:, None], positions.to(hidden_states.device)]
 
     def project_signals(self, modality: str, hidden_states: torch.Tensor) -> torch.Tensor:
         """Map a signal run's hidden states to the decoder's conditioning.
