@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: install demo test bench clean
+.PHONY: install demo generate test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
+	$(OFFLINE_ENV) $(BIN)/anygpt app --preset mini --host 127.0.0.1 --port 7860
+
+generate: install
 	$(OFFLINE_ENV) $(BIN)/anygpt generate --preset mini --seed 0 --outputs image,audio,video \
 		--out outputs/demo "What is the capital of France? Then show me a picture, a sound and a clip of it."
 
@@ -25,7 +28,7 @@ test: install
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: install
-	$(OFFLINE_ENV) $(BIN)/python benchmarks/bench_generate.py
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_generate.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache test-artifacts

@@ -61,26 +61,48 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    app = sub.add_parser("app", help="serve the Gradio chat app")
+    app.add_argument("--preset", "--model", dest="model", default="mini",
+                     help="preset name, model directory or config .yaml (default: mini)")
+    app.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    app.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    app.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    app.add_argument("--out", type=Path, default=Path("outputs/app"),
+                     help="folder for generated media; the only folder served (default: outputs/app)")
+    app.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
+    app.add_argument("--concurrency", type=int, default=1, help="model calls at once (default: 1)")
+    app.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    app.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                     help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
+
     pre = sub.add_parser("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
     return parser
 
 
-@_command("generate")
-def _generate(args: argparse.Namespace) -> int:
+def _load_pipeline(args: argparse.Namespace, progress: bool = True):
+    """The pipeline named by ``--preset/--model`` on ``--device`` (default: CUDA if available)
+    in ``--dtype`` (default: float16 on CUDA, float32 on CPU)."""
     import torch
 
     from anygpt.pipeline import AnyGPTPipeline
-    from anygpt.types import MediaStarted, TextDelta
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else None)
-    if args.quiet:
+    if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     pipe = AnyGPTPipeline.from_pretrained(args.model, device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=args.quiet)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+@_command("generate")
+def _generate(args: argparse.Namespace) -> int:
+    from anygpt.types import MediaStarted, TextDelta
+
+    pipe = _load_pipeline(args, progress=not args.quiet)
 
     from anygpt.conversation import Conversation
 
@@ -101,6 +123,22 @@ def _generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     for path in output.save(args.out):
         print(f"wrote {path}")
+    return 0
+
+
+@_command("app")
+def _app(args: argparse.Namespace) -> int:
+    pipe = _load_pipeline(args, progress=False)
+
+    # The app package (and gradio) is reached by name at run time, like decoders: anygpt
+    # itself stays free of later-stage imports (tests/test_imports.py).
+    import importlib
+
+    build_app = importlib.import_module("app.chat").build_app
+    launch = importlib.import_module("app.server").launch
+    demo = build_app(pipe, output_dir=args.out, max_upload_mb=args.max_upload_mb,
+                     concurrency=args.concurrency)
+    launch(demo, host=args.host, port=args.port, share=args.share, block=True)
     return 0
 
 

@@ -1,0 +1,84 @@
+"""A real browser drives the chat UI: type, attach an image, send, and find the media in the reply.
+
+Needs Debian's Chromium and Playwright's Python package (no browser download):
+    apt-get install -y chromium
+    pip install playwright        # or: pip install -e '.[test]'
+Skipped with a reason when either is missing.
+"""
+
+import importlib.util
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("ANYGPT_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.skipif(not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)),
+                       reason=f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                       reason="Playwright's Python package is missing (pip install playwright)"),
+]
+
+# Screenshots go to $ANYGPT_TEST_ARTIFACTS (CI can upload it), else to pytest's temp folder.
+ARTIFACTS_ENV = "ANYGPT_TEST_ARTIFACTS"
+
+
+@pytest.fixture(scope="module")
+def ui_url(tiny_pipe, tmp_path_factory):
+    from app.chat import build_app
+    from app.server import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_app(tiny_pipe, output_dir=tmp_path_factory.mktemp("ui_out"))
+    launch(demo, host="127.0.0.1", port=port, block=False)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+def _send(page, text, files, output):
+    page.get_by_label(output, exact=True).check()
+    box = page.locator("#message textarea")
+    box.fill(text)
+    if files:
+        page.locator("#message input[type=file]").set_input_files([str(f) for f in files])
+        page.wait_for_timeout(500)
+    page.locator("#message button.submit-button").click()
+
+
+def test_browser_chat_turns_show_image_and_audio(ui_url, media_files, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            page.goto(ui_url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#message textarea", timeout=60_000)
+            assert "tiny" in page.locator("#header").inner_text()
+
+            bot = page.locator("#chatbot [data-testid='bot']")
+            _send(page, "What is in this picture? Draw one.", [media_files["image"]], "image")
+            bot.locator("img").first.wait_for(timeout=60_000)
+            _send(page, "Now make a sound.", [], "audio")
+            bot.locator("audio, [data-testid='waveform-Audio'], .waveform-container, .audio-player").first \
+                .wait_for(state="attached", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "app_chat.png"), full_page=True)
+            assert page.locator("#chatbot [data-testid='user'] img").count() >= 1  # the upload is shown
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "app_chat_failure.png"), full_page=True)
+            (ARTIFACTS / "app_chat_failure.html").write_text(page.content())
+            raise
+        finally:
+            browser.close()
