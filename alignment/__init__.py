@@ -1,0 +1,35 @@
+"""Alignment: datasets and manifests, decoding-side targets, and the three-stage training recipe.
+
+Importing ``alignment`` is light; each name below is imported from its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ManifestError": "alignment.data",
+    "Sample": "alignment.data",
+    "read_manifest": "alignment.data",
+    "AlignmentDataset": "alignment.data",
+    "collate": "alignment.data",
+    "TargetCache": "alignment.targets",
+    "MissingTargetsError": "alignment.targets",
+    "make_synthetic_dataset": "alignment.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'alignment' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -212,6 +212,9 @@ def load_image(image: PathLike | Image.Image) -> Image.Image:
         ) from exc
     except UnidentifiedImageError as exc:
         raise MediaError(_unsupported_image_message(path)) from exc
+    # A recognised signature followed by a damaged header fails while Pillow parses it.
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: corrupt image header ({exc}); re-export or re-download it") from exc
     with handle:
         _check_image_size(handle.size, str(path))
         return _decode_to_rgb(handle, str(path))

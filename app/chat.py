@@ -7,6 +7,7 @@ The app loads no model: it takes anything with the pipeline's call shape (``stre
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ __all__ = ["build_app", "API_NAME"]
 
 #: The named endpoint for ``gradio_client``: ``client.predict(..., api_name="/chat")``.
 API_NAME = "chat"
+
+#: The API endpoint streams text at most this often (seconds); media and the end always go out.
+_API_UPDATE_S = 0.05
 
 _PENDING = {"image": "🖼️ drawing the image…", "audio": "🔊 making the sound…", "video": "🎬 rendering the video…"}
 _COMPONENTS = {"image": gr.Image, "audio": gr.Audio, "video": gr.Video}
@@ -192,13 +196,20 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
             session = session or ChatSession()
             values = _settings(max_new_tokens, temperature, top_p, seed, steps, guidance, image_size,
                                video_frames, audio_length)
-            final = None
+            final, last, sent_files = None, 0.0, 0
+            # A generator, so gradio_client's submit() can stream the answer (predict() returns
+            # the last value): each update is the text so far and the media written so far.
+            # Text updates are coalesced (every update costs Gradio a serialise-and-send);
+            # new media and the final state are always sent.
             for final in run_turn(pipe, session, _user_message(message), output_dir=output_dir,
                                   output=output, settings=values, max_upload_mb=max_upload_mb):
-                pass
+                now = time.monotonic()
+                if final.error or not (final.done or len(final.files) > sent_files or now - last >= _API_UPDATE_S):
+                    continue
+                last, sent_files = now, len(final.files)
+                yield final.text, final.files, session
             if final is None or final.error:
                 raise gr.Error(final.error if final else "no answer", print_exception=False)
-            return final.text, final.files, session
 
         textbox.submit(respond, [textbox, webcam, state, *settings], [chatbot, textbox, webcam, state],
                        api_visibility="private", **model_events)

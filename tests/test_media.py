@@ -619,3 +619,10 @@ def test_import_is_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
     assert result.stdout.strip() == "[]"
+
+
+def test_png_signature_with_a_damaged_header_is_a_media_error(tmp_path):
+    path = tmp_path / "damaged.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + b"\x01\x02")
+    with pytest.raises(media.MediaError, match="damaged.png"):
+        media.load_image(path)
