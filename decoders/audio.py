@@ -22,26 +22,16 @@ __all__ = ["TINY_ARCH", "AudioLDMDecoder"]
 #: The vocoder upsamples 160× at 16 kHz (10 ms per mel frame), so the default 1.0 s of audio is
 #: 100 mel frames (latent ``sample_size`` 50 × VAE factor 2). Conditioning: 1 × ``projection_dim``.
 TINY_ARCH: dict[str, Any] = {
+    **tiny.CLIP_TINY_ARCH,
     "sample_size": 50,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-    "text_hidden_size": 32,
-    "text_intermediate_size": 37,
-    "text_num_layers": 2,
-    "text_num_heads": 4,
     "projection_dim": 32,
-    "model_max_length": 77,
     "vae_block_out_channels": (32, 64),
-    "latent_channels": 4,
     "num_mel_bins": 16,
     "sampling_rate": 16000,
     "upsample_rates": (10, 16),
     "upsample_kernel_sizes": (20, 32),
     "upsample_initial_channel": 32,
     "scheduler": "ddim",
-    "prediction_type": "epsilon",
 }
 
 

@@ -53,8 +53,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-#: Sizes shared by the tiny CLIP-conditioned decoders (image, video): 64×64 output (latent
-#: ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32. Each decoder adds its scheduler.
+#: Sizes shared by the tiny decoders (a 2-level UNet, a 2-layer 32-wide text encoder, a small
+#: VAE). For image and video: 64×64 output (latent ``sample_size`` 16 × VAE factor 4) and
+#: conditioning 77 × 32. Each decoder adds its scheduler and overrides what differs.
 CLIP_TINY_ARCH: dict[str, Any] = {
     "sample_size": 16,
     "block_out_channels": (32, 64),
