@@ -17,6 +17,9 @@ _EXPORTS = {
     "TargetCache": "alignment.targets",
     "MissingTargetsError": "alignment.targets",
     "make_synthetic_dataset": "alignment.synthetic",
+    "TrainConfig": "alignment.config",
+    "load_train_config": "alignment.config",
+    "train": "alignment.recipe",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,6 +2,8 @@
 
     anygpt generate --preset mini "Draw a cat" --outputs image --out answer/
     anygpt presets
+    anygpt train --config alignment/configs/stage2_decoding.yaml optim.lr=1e-3 [--resume]
+    anygpt eval --model runs/stage2_decoding/model --data captions_val.jsonl
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                      help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
 
+    tr = sub.add_parser("train", help="run one alignment stage (works under `accelerate launch`)",
+                        description="Train one stage of the alignment recipe. Shipped stage configs: "
+                                    "alignment/configs/stage{1_encoding,2_decoding,3_instruction}.yaml.")
+    tr.add_argument("--config", required=True, type=Path, help="stage config .yaml")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the newest checkpoint under <output_dir>/checkpoints")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted config overrides, e.g. optim.lr=1e-3 train.max_steps=200")
+
+    ev = sub.add_parser("eval", help="evaluate an aligned model on a held-out manifest")
+    ev.add_argument("--model", required=True, help="model directory (or preset name)")
+    ev.add_argument("--data", required=True, type=Path, help="JSONL manifest of caption and/or dialogue rows")
+    ev.add_argument("--decode", type=int, default=2, help="examples per modality decoded for agreement (default: 2)")
+    ev.add_argument("--seed", type=int, default=0, help="decoding seed (default: 0)")
+    ev.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many rows of each kind")
+    ev.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
+
     pre = sub.add_parser("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
     return parser
@@ -139,6 +158,51 @@ def _app(args: argparse.Namespace) -> int:
     demo = build_app(pipe, output_dir=args.out, max_upload_mb=args.max_upload_mb,
                      concurrency=args.concurrency)
     launch(demo, host=args.host, port=args.port, share=args.share, block=True)
+    return 0
+
+
+def _alignment(module: str):
+    """An ``alignment`` module, imported by name at run time: ``anygpt`` itself never imports
+    later-stage packages (tests/test_imports.py)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"alignment.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("alignment", "accelerate", "peft"):
+            raise AnyGPTError(f"training needs the `alignment` package and its dependencies ({exc}); "
+                              f"install AnyGPT from its repository: pip install -e .") from exc
+        raise
+
+
+@_command("train")
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    config = _alignment("config").load_train_config(args.config, args.overrides)
+    # Training is long: its progress is logged on the main process even without -v. (The rank
+    # comes from the launcher's environment: accelerate's state must not be created before the
+    # recipe's Accelerator.)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    level = logging.INFO if main_process else logging.WARNING
+    logging.getLogger("alignment").setLevel(min(level, logging.getLogger().level))
+    result = _alignment("recipe").train(config, resume=args.resume)
+    if main_process:
+        print(f"trained {result.step} steps; model: {result.model_dir}")
+    return 0
+
+
+@_command("eval")
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    metrics = _alignment("evaluate").evaluate(args.model, args.data, decode=args.decode, seed=args.seed,
+                                              max_examples=args.max_examples)
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
     return 0
 
 

@@ -1,0 +1,409 @@
+"""The training config: one dataclass tree, loaded from YAML with strict validation.
+
+Every stage of the alignment recipe is a file of this schema (``alignment/configs/*.yaml``);
+trainable sets, losses, learning rates, schedules and batch sizes come from here and nowhere
+else. Any field can be overridden from the command line with a dotted ``key=value``::
+
+    anygpt train --config alignment/configs/stage2_decoding.yaml optim.lr=1e-3 train.max_steps=200
+
+Values of overrides are parsed as YAML (``1e-3`` is a number, ``[image]`` a list, ``null`` None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from anygpt.errors import ConfigError
+
+__all__ = [
+    "TrainConfig", "DataConfig", "TrainableConfig", "LoraConfig", "LossConfig", "OptimConfig",
+    "ScheduleConfig", "LoopConfig", "EvalConfig", "CheckpointConfig", "LogConfig",
+    "load_train_config", "apply_overrides", "CONFIG_DIR", "shipped_configs",
+]
+
+#: The shipped stage configs.
+CONFIG_DIR = Path(__file__).parent / "configs"
+ALL = "all"
+STAGES = (1, 2, 3)
+SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("csv", "tensorboard")
+PARAM_GROUPS = ("input_projectors", "output_projectors", "signal_embeddings", "lora")
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from.
+
+    Attributes:
+        train: JSONL manifest of training samples (captions for stages 1–2, dialogues for 3).
+        val: JSONL manifest of held-out samples (evaluation); None disables evaluation.
+        modalities: media modalities to use (default: every modality the model has).
+        on_error: what to do with a malformed manifest line: ``skip`` (log it) or ``fail``.
+        decoding_train: stage 3 only: a caption manifest whose rows are mixed into training as
+            stage-2 examples (caption → signal run), so that the output projectors keep their
+            conditioning loss while the LLM learns dialogues.
+        target_cache: folder of precomputed decoder conditionings (default ``<output_dir>/targets``).
+        num_workers: DataLoader worker processes.
+    """
+
+    train: str = ""
+    val: Optional[str] = None
+    decoding_train: Optional[str] = None
+    modalities: Optional[list[str]] = None
+    on_error: str = "skip"
+    target_cache: Optional[str] = None
+    num_workers: int = 0
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.train), f"{path}.train", "set the training manifest (a .jsonl file)")
+        _check(self.on_error in ("skip", "fail"), f"{path}.on_error", "must be skip or fail")
+        _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the LLM; merged into the LLM's weights when the model is saved."""
+
+    r: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self, path: str) -> None:
+        _check(self.r > 0, f"{path}.r", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), f"{path}.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+
+
+@dataclass
+class TrainableConfig:
+    """What trains; everything else stays frozen (bitwise).
+
+    Attributes:
+        input_projectors: modalities whose input projector trains, or ``all``.
+        output_projectors: modalities whose output projector trains, or ``all``.
+        signal_embeddings: train the signal tokens' rows of the input embeddings (and of the LM
+            head when it is not tied); every other row stays bitwise equal.
+        lora: LoRA adapters on the LLM; None for none.
+    """
+
+    input_projectors: Union[list[str], str] = field(default_factory=list)
+    output_projectors: Union[list[str], str] = field(default_factory=list)
+    signal_embeddings: bool = False
+    lora: Optional[LoraConfig] = None
+
+    def validate(self, path: str) -> None:
+        for name in ("input_projectors", "output_projectors"):
+            value = getattr(self, name)
+            _check(value == ALL or isinstance(value, list), f"{path}.{name}", "a list of modalities or `all`")
+        _check(bool(self.input_projectors or self.output_projectors or self.signal_embeddings or self.lora),
+               path, "nothing to train; set input_projectors, output_projectors, signal_embeddings or lora")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (0 disables a term).
+
+    Attributes:
+        lm: next-token loss on the assistant's answers (captions, signal runs, dialogue turns).
+        condition_mse: MSE between projected signal states and the decoder's own text
+            conditioning of the caption (NExT-GPT's decoding-side alignment).
+        denoising: the decoder's denoising loss through its frozen UNet, conditioned on the
+            projected signal states, on the sample's own media.
+        denoising_modalities: modalities the denoising loss applies to (image only for now).
+    """
+
+    lm: float = 1.0
+    condition_mse: float = 0.0
+    denoising: float = 0.0
+    denoising_modalities: list[str] = field(default_factory=lambda: ["image"])
+
+    def validate(self, path: str) -> None:
+        for name in ("lm", "condition_mse", "denoising"):
+            _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        _check(self.lm + self.condition_mse + self.denoising > 0, path, "every loss weight is 0")
+        unsupported = sorted(set(self.denoising_modalities) - {"image"})
+        _check(not unsupported, f"{path}.denoising_modalities",
+               f"{unsupported} not supported yet (only image samples are loaded as denoising targets)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. ``group_lr`` overrides ``lr`` per parameter group
+    (``input_projectors``, ``output_projectors``, ``signal_embeddings``, ``lora``).
+    The signal-embedding group never has weight decay (frozen rows must not move)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    group_lr: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        _check(self.lr > 0, f"{path}.lr", "must be > 0")
+        _check(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
+               "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{path}.max_grad_norm", "must be > 0 or null")
+        unknown = sorted(set(self.group_lr) - set(PARAM_GROUPS))
+        _check(not unknown, f"{path}.group_lr", f"unknown group(s) {unknown}; valid: {', '.join(PARAM_GROUPS)}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then ``constant``, ``linear`` or ``cosine`` decay to
+    ``min_lr_ratio`` × lr at ``train.max_steps``."""
+
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _check(self.name in SCHEDULES, f"{path}.name", f"must be one of {', '.join(SCHEDULES)}")
+        _check(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop.
+
+    Attributes:
+        max_steps: optimizer steps.
+        batch_size: examples per process per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        mixed_precision: ``no``, ``fp16`` (CUDA only) or ``bf16``.
+    """
+
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+
+    def validate(self, path: str) -> None:
+        _check(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
+        _check(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
+        _check(self.grad_accum > 0, f"{path}.grad_accum", "must be > 0")
+        _check(self.mixed_precision in MIXED_PRECISION, f"{path}.mixed_precision",
+               f"must be one of {', '.join(MIXED_PRECISION)}")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on ``data.val``: every ``every`` steps (0: only at the end), on at most
+    ``max_batches`` batches (None: all)."""
+
+    every: int = 0
+    batch_size: int = 16
+    max_batches: Optional[int] = None
+
+    def validate(self, path: str) -> None:
+        _check(self.every >= 0, f"{path}.every", "must be >= 0")
+        _check(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints under ``<output_dir>/checkpoints``: every ``every`` steps (0: none),
+    keeping the ``keep`` newest."""
+
+    every: int = 0
+    keep: int = 2
+
+    def validate(self, path: str) -> None:
+        _check(self.every >= 0, f"{path}.every", "must be >= 0")
+        _check(self.keep >= 1, f"{path}.keep", "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """Metrics every ``every`` steps to ``trackers`` (``csv``, ``tensorboard``) under
+    ``<output_dir>/logs``; a progress bar on the main process unless ``progress_bar`` is false."""
+
+    every: int = 10
+    trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    progress_bar: bool = True
+
+    def validate(self, path: str) -> None:
+        _check(self.every > 0, f"{path}.every", "must be > 0")
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        _check(not unknown, f"{path}.trackers", f"unknown tracker(s) {unknown}; valid: {', '.join(TRACKERS)}")
+
+
+@dataclass
+class TrainConfig:
+    """One stage of the alignment recipe.
+
+    Attributes:
+        stage: 1 encoding-side, 2 decoding-side, 3 instruction tuning (selects the examples).
+        model: where training starts: a preset name, a model directory (e.g. an earlier stage's
+            output) or a model config ``.yaml``.
+        output_dir: checkpoints, logs and the final model (``<output_dir>/model``).
+        seed: seeds data order, initialisation of adapters and the loss noise.
+    """
+
+    stage: int = 1
+    model: str = "tiny"
+    output_dir: str = "runs/alignment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self, path: str = "config") -> None:
+        _check(self.stage in STAGES, f"{path}.stage", "must be 1, 2 or 3")
+        _check(bool(self.model), f"{path}.model", "name a preset, a model directory or a config .yaml")
+        needs_captions = self.loss.condition_mse > 0 or self.loss.denoising > 0
+        _check(self.data.decoding_train is None or self.stage == 3, f"{path}.data.decoding_train",
+               "only stage 3 mixes in decoding examples; stage 2 reads its captions from data.train")
+        _check(not (needs_captions and self.stage == 1), f"{path}.loss",
+               "stage 1 examples have no signal runs; set condition_mse and denoising to 0")
+        _check(not needs_captions or self.trainable.output_projectors or self.trainable.signal_embeddings
+               or self.trainable.lora, f"{path}.loss",
+               "condition_mse/denoising need something on the output side to train")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "config") -> "TrainConfig":
+        """Build and validate; unknown fields and wrong types raise :class:`ConfigError`."""
+        return _build(cls, data, path)
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a stage config file and apply dotted ``key=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or invalid, or an override names an unknown field.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        shipped = ", ".join(str(p) for p in shipped_configs())
+        raise ConfigError(f"{path}: training config not found; the shipped ones are: {shipped}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides)
+    try:
+        return TrainConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """A copy of ``data`` with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+    return data
+
+
+def shipped_configs() -> list[Path]:
+    """The stage configs shipped under ``alignment/configs``."""
+    return sorted(CONFIG_DIR.glob("stage*.yaml"))
+
+
+# A strict dict → dataclass builder: errors name the dotted path and what was expected.
+def _build(tp: Any, data: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if data is None and type(None) in typing.get_args(tp):
+            return None
+        errors = []
+        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return _build(arg, data, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(" or ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, data, path)
+    if origin is list:
+        _check(isinstance(data, list), path, f"expected a list, got {data!r}")
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{path}[{i}]") for i, v in enumerate(data)]
+    if origin is dict:
+        _check(isinstance(data, dict), path, f"expected a mapping, got {data!r}")
+        _, value = typing.get_args(tp)
+        return {str(k): _build(value, v, f"{path}.{k}") for k, v in data.items()}
+    return _scalar(tp, data, path)
+
+
+def _build_dataclass(tp: Any, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    _check(isinstance(data, dict), path, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(tp)
+    names = {f.name for f in dataclasses.fields(tp)}
+    unknown = sorted(set(data) - names)
+    _check(not unknown, path, f"unknown field(s) {', '.join(map(str, unknown))}; valid fields: {', '.join(sorted(names))}")
+    obj = tp(**{k: _build(hints[k], v, f"{path}.{k}") for k, v in data.items()})
+    obj.validate(path)
+    return obj
+
+
+def _scalar(tp: Any, data: Any, path: str) -> Any:
+    if tp is float:
+        if isinstance(data, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                data = float(data)
+            except ValueError:
+                pass
+        _check(not isinstance(data, bool) and isinstance(data, (int, float)), path, f"expected a number, got {data!r}")
+        return float(data)
+    if tp is int:
+        _check(not isinstance(data, bool) and isinstance(data, int), path, f"expected an integer, got {data!r}")
+        return data
+    if tp is bool:
+        _check(isinstance(data, bool), path, f"expected true or false, got {data!r}")
+        return data
+    if tp is str:
+        _check(isinstance(data, str), path, f"expected a string, got {data!r}")
+        return data
+    return data
