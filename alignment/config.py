@@ -12,12 +12,11 @@ Values of overrides are parsed as YAML (``1e-3`` is a number, ``[image]`` a list
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from anygpt.config import build_config, require
 from anygpt.errors import ConfigError
 
 __all__ = [
@@ -34,11 +33,6 @@ SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("csv", "tensorboard")
 PARAM_GROUPS = ("input_projectors", "output_projectors", "signal_embeddings", "lora")
-
-
-def _check(cond: bool, path: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{path}: {msg}")
 
 
 @dataclass
@@ -66,9 +60,9 @@ class DataConfig:
     num_workers: int = 0
 
     def validate(self, path: str) -> None:
-        _check(bool(self.train), f"{path}.train", "set the training manifest (a .jsonl file)")
-        _check(self.on_error in ("skip", "fail"), f"{path}.on_error", "must be skip or fail")
-        _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
+        require(bool(self.train), f"{path}.train", "set the training manifest (a .jsonl file)")
+        require(self.on_error in ("skip", "fail"), f"{path}.on_error", "must be skip or fail")
+        require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
 
 
 @dataclass
@@ -81,9 +75,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def validate(self, path: str) -> None:
-        _check(self.r > 0, f"{path}.r", "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
-        _check(bool(self.target_modules), f"{path}.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+        require(self.r > 0, f"{path}.r", "must be > 0")
+        require(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
+        require(bool(self.target_modules), f"{path}.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
 
 
 @dataclass
@@ -106,8 +100,8 @@ class TrainableConfig:
     def validate(self, path: str) -> None:
         for name in ("input_projectors", "output_projectors"):
             value = getattr(self, name)
-            _check(value == ALL or isinstance(value, list), f"{path}.{name}", "a list of modalities or `all`")
-        _check(bool(self.input_projectors or self.output_projectors or self.signal_embeddings or self.lora),
+            require(value == ALL or isinstance(value, list), f"{path}.{name}", "a list of modalities or `all`")
+        require(bool(self.input_projectors or self.output_projectors or self.signal_embeddings or self.lora),
                path, "nothing to train; set input_projectors, output_projectors, signal_embeddings or lora")
 
 
@@ -131,10 +125,10 @@ class LossConfig:
 
     def validate(self, path: str) -> None:
         for name in ("lm", "condition_mse", "denoising"):
-            _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
-        _check(self.lm + self.condition_mse + self.denoising > 0, path, "every loss weight is 0")
+            require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        require(self.lm + self.condition_mse + self.denoising > 0, path, "every loss weight is 0")
         unsupported = sorted(set(self.denoising_modalities) - {"image"})
-        _check(not unsupported, f"{path}.denoising_modalities",
+        require(not unsupported, f"{path}.denoising_modalities",
                f"{unsupported} not supported yet (only image samples are loaded as denoising targets)")
 
 
@@ -152,13 +146,13 @@ class OptimConfig:
     group_lr: dict[str, float] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
-        _check(self.lr > 0, f"{path}.lr", "must be > 0")
-        _check(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
+        require(self.lr > 0, f"{path}.lr", "must be > 0")
+        require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
                "two numbers in [0, 1), e.g. [0.9, 0.999]")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{path}.max_grad_norm", "must be > 0 or null")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, f"{path}.max_grad_norm", "must be > 0 or null")
         unknown = sorted(set(self.group_lr) - set(PARAM_GROUPS))
-        _check(not unknown, f"{path}.group_lr", f"unknown group(s) {unknown}; valid: {', '.join(PARAM_GROUPS)}")
+        require(not unknown, f"{path}.group_lr", f"unknown group(s) {unknown}; valid: {', '.join(PARAM_GROUPS)}")
 
 
 @dataclass
@@ -171,9 +165,9 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
     def validate(self, path: str) -> None:
-        _check(self.name in SCHEDULES, f"{path}.name", f"must be one of {', '.join(SCHEDULES)}")
-        _check(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", "must be in [0, 1]")
+        require(self.name in SCHEDULES, f"{path}.name", f"must be one of {', '.join(SCHEDULES)}")
+        require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass
@@ -193,10 +187,10 @@ class LoopConfig:
     mixed_precision: str = "no"
 
     def validate(self, path: str) -> None:
-        _check(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
-        _check(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
-        _check(self.grad_accum > 0, f"{path}.grad_accum", "must be > 0")
-        _check(self.mixed_precision in MIXED_PRECISION, f"{path}.mixed_precision",
+        require(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
+        require(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
+        require(self.grad_accum > 0, f"{path}.grad_accum", "must be > 0")
+        require(self.mixed_precision in MIXED_PRECISION, f"{path}.mixed_precision",
                f"must be one of {', '.join(MIXED_PRECISION)}")
 
 
@@ -210,8 +204,8 @@ class EvalConfig:
     max_batches: Optional[int] = None
 
     def validate(self, path: str) -> None:
-        _check(self.every >= 0, f"{path}.every", "must be >= 0")
-        _check(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
+        require(self.every >= 0, f"{path}.every", "must be >= 0")
+        require(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
 
 
 @dataclass
@@ -223,8 +217,8 @@ class CheckpointConfig:
     keep: int = 2
 
     def validate(self, path: str) -> None:
-        _check(self.every >= 0, f"{path}.every", "must be >= 0")
-        _check(self.keep >= 1, f"{path}.keep", "must be >= 1")
+        require(self.every >= 0, f"{path}.every", "must be >= 0")
+        require(self.keep >= 1, f"{path}.keep", "must be >= 1")
 
 
 @dataclass
@@ -237,9 +231,9 @@ class LogConfig:
     progress_bar: bool = True
 
     def validate(self, path: str) -> None:
-        _check(self.every > 0, f"{path}.every", "must be > 0")
+        require(self.every > 0, f"{path}.every", "must be > 0")
         unknown = sorted(set(self.trackers) - set(TRACKERS))
-        _check(not unknown, f"{path}.trackers", f"unknown tracker(s) {unknown}; valid: {', '.join(TRACKERS)}")
+        require(not unknown, f"{path}.trackers", f"unknown tracker(s) {unknown}; valid: {', '.join(TRACKERS)}")
 
 
 @dataclass
@@ -269,14 +263,14 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self, path: str = "config") -> None:
-        _check(self.stage in STAGES, f"{path}.stage", "must be 1, 2 or 3")
-        _check(bool(self.model), f"{path}.model", "name a preset, a model directory or a config .yaml")
+        require(self.stage in STAGES, f"{path}.stage", "must be 1, 2 or 3")
+        require(bool(self.model), f"{path}.model", "name a preset, a model directory or a config .yaml")
         needs_captions = self.loss.condition_mse > 0 or self.loss.denoising > 0
-        _check(self.data.decoding_train is None or self.stage == 3, f"{path}.data.decoding_train",
+        require(self.data.decoding_train is None or self.stage == 3, f"{path}.data.decoding_train",
                "only stage 3 mixes in decoding examples; stage 2 reads its captions from data.train")
-        _check(not (needs_captions and self.stage == 1), f"{path}.loss",
+        require(not (needs_captions and self.stage == 1), f"{path}.loss",
                "stage 1 examples have no signal runs; set condition_mse and denoising to 0")
-        _check(not needs_captions or self.trainable.output_projectors or self.trainable.signal_embeddings
+        require(not needs_captions or self.trainable.output_projectors or self.trainable.signal_embeddings
                or self.trainable.lora, f"{path}.loss",
                "condition_mse/denoising need something on the output side to train")
 
@@ -291,7 +285,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Any, path: str = "config") -> "TrainConfig":
         """Build and validate; unknown fields and wrong types raise :class:`ConfigError`."""
-        return _build(cls, data, path)
+        return build_config(cls, data, path)
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -347,63 +341,3 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 def shipped_configs() -> list[Path]:
     """The stage configs shipped under ``alignment/configs``."""
     return sorted(CONFIG_DIR.glob("stage*.yaml"))
-
-
-# A strict dict → dataclass builder: errors name the dotted path and what was expected.
-def _build(tp: Any, data: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if data is None and type(None) in typing.get_args(tp):
-            return None
-        errors = []
-        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
-            try:
-                return _build(arg, data, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(" or ".join(errors))
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, data, path)
-    if origin is list:
-        _check(isinstance(data, list), path, f"expected a list, got {data!r}")
-        (item,) = typing.get_args(tp)
-        return [_build(item, v, f"{path}[{i}]") for i, v in enumerate(data)]
-    if origin is dict:
-        _check(isinstance(data, dict), path, f"expected a mapping, got {data!r}")
-        _, value = typing.get_args(tp)
-        return {str(k): _build(value, v, f"{path}.{k}") for k, v in data.items()}
-    return _scalar(tp, data, path)
-
-
-def _build_dataclass(tp: Any, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    _check(isinstance(data, dict), path, f"expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(tp)
-    names = {f.name for f in dataclasses.fields(tp)}
-    unknown = sorted(set(data) - names)
-    _check(not unknown, path, f"unknown field(s) {', '.join(map(str, unknown))}; valid fields: {', '.join(sorted(names))}")
-    obj = tp(**{k: _build(hints[k], v, f"{path}.{k}") for k, v in data.items()})
-    obj.validate(path)
-    return obj
-
-
-def _scalar(tp: Any, data: Any, path: str) -> Any:
-    if tp is float:
-        if isinstance(data, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                data = float(data)
-            except ValueError:
-                pass
-        _check(not isinstance(data, bool) and isinstance(data, (int, float)), path, f"expected a number, got {data!r}")
-        return float(data)
-    if tp is int:
-        _check(not isinstance(data, bool) and isinstance(data, int), path, f"expected an integer, got {data!r}")
-        return data
-    if tp is bool:
-        _check(isinstance(data, bool), path, f"expected true or false, got {data!r}")
-        return data
-    if tp is str:
-        _check(isinstance(data, str), path, f"expected a string, got {data!r}")
-        return data
-    return data

@@ -31,6 +31,8 @@ __all__ = [
     "PRESET_DIR",
     "CONFIG_FILENAME",
     "list_presets",
+    "build_config",
+    "require",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -38,7 +40,8 @@ CONFIG_FILENAME = "anygpt_config.yaml"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _check(cond: bool, path: str, msg: str) -> None:
+def require(cond: bool, path: str, msg: str) -> None:
+    """Raise :class:`ConfigError` ``"{path}: {msg}"`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{path}: {msg}")
 
@@ -62,7 +65,7 @@ class EncoderConfig:
     seed: int = 0
 
     def validate(self, path: str = "encoder") -> None:
-        _check(self.pretrained is not None or bool(self.arch), path,
+        require(self.pretrained is not None or bool(self.arch), path,
                "set either `pretrained` (e.g. imagebind_huge) or `arch` (random init)")
 
 
@@ -102,19 +105,19 @@ class LLMConfig:
     seed: int = 0
 
     def validate(self, path: str = "llm") -> None:
-        _check(self.pretrained is not None or self.arch is not None or self.local_package is not None,
+        require(self.pretrained is not None or self.arch is not None or self.local_package is not None,
                path, "set `pretrained` (hub id or directory), `local_package` or `arch`")
         if self.arch is not None:
-            _check("model_type" in self.arch, f"{path}.arch",
+            require("model_type" in self.arch, f"{path}.arch",
                    "needs a `model_type` key (e.g. llama) naming the transformers architecture")
-            _check(self.tokenizer is not None, f"{path}.tokenizer",
+            require(self.tokenizer is not None, f"{path}.tokenizer",
                    "a randomly initialised LLM needs a tokenizer (a hub id, directory or byte-level)")
-        _check(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         formats = ("auto", "chat_template", "nextgpt")
-        _check(self.prompt_format in formats, f"{path}.prompt_format",
+        require(self.prompt_format in formats, f"{path}.prompt_format",
                f"must be one of {', '.join(formats)}, got {self.prompt_format!r}")
-        _check(bool(self.media_begin) and bool(self.media_end), path, "media_begin/media_end must be non-empty")
-        _check(self.max_context is None or self.max_context > 0, f"{path}.max_context", "must be positive")
+        require(bool(self.media_begin) and bool(self.media_end), path, "media_begin/media_end must be non-empty")
+        require(self.max_context is None or self.max_context > 0, f"{path}.max_context", "must be positive")
 
 
 @dataclass
@@ -132,8 +135,8 @@ class InputProjectorConfig:
     hidden_dim: Optional[int] = None
 
     def validate(self, path: str) -> None:
-        _check(self.num_tokens >= 1, f"{path}.num_tokens", f"must be >= 1, got {self.num_tokens}")
-        _check(self.hidden_dim is None or self.hidden_dim >= 1, f"{path}.hidden_dim", "must be >= 1")
+        require(self.num_tokens >= 1, f"{path}.num_tokens", f"must be >= 1, got {self.num_tokens}")
+        require(self.hidden_dim is None or self.hidden_dim >= 1, f"{path}.hidden_dim", "must be >= 1")
 
 
 @dataclass
@@ -152,10 +155,10 @@ class OutputProjectorConfig:
 
     def validate(self, path: str) -> None:
         for name in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward"):
-            _check(getattr(self, name) >= 1, f"{path}.{name}", "must be >= 1")
-        _check(self.d_model % self.num_heads == 0, f"{path}.d_model",
+            require(getattr(self, name) >= 1, f"{path}.{name}", "must be >= 1")
+        require(self.d_model % self.num_heads == 0, f"{path}.d_model",
                f"must be divisible by num_heads ({self.d_model} % {self.num_heads} != 0)")
-        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
+        require(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -188,16 +191,16 @@ class DecoderConfig:
     seed: int = 0
 
     def validate(self, path: str) -> None:
-        _check(self.pretrained is not None or self.arch is not None, path,
+        require(self.pretrained is not None or self.arch is not None, path,
                "set `pretrained` (hub id or directory) or `arch` (tiny random components)")
-        _check(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}")
-        _check(self.steps >= 1, f"{path}.steps", f"must be >= 1, got {self.steps}")
-        _check(self.guidance >= 0, f"{path}.guidance", "must be >= 0")
+        require(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}")
+        require(self.steps >= 1, f"{path}.steps", f"must be >= 1, got {self.steps}")
+        require(self.guidance >= 0, f"{path}.guidance", "must be >= 0")
         for name in ("height", "width", "num_frames"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, f"{path}.{name}", "must be >= 1")
-        _check(self.fps is None or self.fps > 0, f"{path}.fps", "must be > 0")
-        _check(self.audio_length_s is None or self.audio_length_s > 0, f"{path}.audio_length_s", "must be > 0")
+            require(value is None or value >= 1, f"{path}.{name}", "must be >= 1")
+        require(self.fps is None or self.fps > 0, f"{path}.fps", "must be > 0")
+        require(self.audio_length_s is None or self.audio_length_s > 0, f"{path}.audio_length_s", "must be > 0")
 
 
 @dataclass
@@ -225,15 +228,15 @@ class ModalityConfig:
         return self.num_signal_tokens > 0
 
     def validate(self, path: str) -> None:
-        _check(self.num_signal_tokens >= 0, f"{path}.num_signal_tokens", "must be >= 0")
-        _check(self.has_input or self.has_output, path,
+        require(self.num_signal_tokens >= 0, f"{path}.num_signal_tokens", "must be >= 0")
+        require(self.has_input or self.has_output, path,
                "a modality needs an input_projector, an output (num_signal_tokens > 0), or both")
         if self.input_projector is not None:
             self.input_projector.validate(f"{path}.input_projector")
         if self.has_output:
-            _check(self.output_projector is not None, f"{path}.output_projector",
+            require(self.output_projector is not None, f"{path}.output_projector",
                    "required when num_signal_tokens > 0")
-            _check(self.decoder is not None, f"{path}.decoder", "required when num_signal_tokens > 0")
+            require(self.decoder is not None, f"{path}.decoder", "required when num_signal_tokens > 0")
             self.output_projector.validate(f"{path}.output_projector")
             self.decoder.validate(f"{path}.decoder")
 
@@ -251,12 +254,12 @@ class GenerationConfig:
     stop_strings: list = field(default_factory=list)
 
     def validate(self, path: str = "generation") -> None:
-        _check(self.max_new_tokens >= 1, f"{path}.max_new_tokens", "must be >= 1")
-        _check(self.temperature > 0, f"{path}.temperature", "must be > 0 (use do_sample: false for greedy)")
-        _check(0 < self.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
-        _check(self.top_k >= 0, f"{path}.top_k", "must be >= 0")
-        _check(self.repetition_penalty > 0, f"{path}.repetition_penalty", "must be > 0")
-        _check(all(isinstance(s, str) and s for s in self.stop_strings), f"{path}.stop_strings",
+        require(self.max_new_tokens >= 1, f"{path}.max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, f"{path}.temperature", "must be > 0 (use do_sample: false for greedy)")
+        require(0 < self.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
+        require(self.top_k >= 0, f"{path}.top_k", "must be >= 0")
+        require(self.repetition_penalty > 0, f"{path}.repetition_penalty", "must be > 0")
+        require(all(isinstance(s, str) and s for s in self.stop_strings), f"{path}.stop_strings",
                "must be a list of non-empty strings")
 
 
@@ -274,7 +277,7 @@ class AnyGPTConfig:
     description: str = ""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    modalities: dict = field(default_factory=dict)
+    modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     seed: int = 0
     checkpoint: Optional[str] = None
@@ -286,7 +289,7 @@ class AnyGPTConfig:
         self.encoder.validate("encoder")
         self.llm.validate("llm")
         self.generation.validate("generation")
-        _check(bool(self.modalities), "modalities", "at least one modality is required")
+        require(bool(self.modalities), "modalities", "at least one modality is required")
         _check_modality_names(self.modalities)
         for name, modality in self.modalities.items():
             modality.validate(f"modalities.{name}")
@@ -307,7 +310,9 @@ class AnyGPTConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "AnyGPTConfig":
         """Build and validate a config from plain data; unknown keys raise :class:`ConfigError`."""
-        return _build(cls, data, "config")
+        if isinstance(data, dict) and isinstance(data.get("modalities"), dict):
+            _check_modality_names(data["modalities"])  # before any modality's own fields
+        return build_config(cls, data, "config")
 
     def to_yaml(self, path: str | Path) -> None:
         import yaml
@@ -357,59 +362,74 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-# A strict dict → dataclass builder: the error names the dotted field path and what was expected.
-def _build(tp: Any, data: Any, path: str) -> Any:
+# A strict dict → dataclass builder: errors name the dotted field path and what was expected.
+def build_config(tp: Any, data: Any, path: str = "config") -> Any:
+    """Build ``tp`` (a config dataclass, or a type inside one) from plain YAML data.
+
+    Unknown fields, wrong types and invalid values raise :class:`ConfigError` naming the dotted
+    path; each dataclass is validated by its ``validate(path)`` unless it validates itself in
+    ``__post_init__``. Shared by every config of the project (the training configs too).
+    """
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if data is None:
+        if data is None and type(None) in typing.get_args(tp):
             return None
-        return _build(args[0], data, path)
+        errors = []
+        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return build_config(arg, data, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(" or ".join(errors))
     if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name for f in dataclasses.fields(tp)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}; "
-                              f"valid fields: {', '.join(sorted(fields))}")
-        kwargs = {k: _build(hints[k], v, f"{path}.{k}") for k, v in data.items()}
-        if tp is AnyGPTConfig and "modalities" in kwargs:
-            _check_modality_names(kwargs["modalities"] or {})
-            kwargs["modalities"] = {
-                str(name): _build(ModalityConfig, m, f"{path}.modalities.{name}")
-                for name, m in (kwargs["modalities"] or {}).items()
-            }
-        try:
-            obj = tp(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        if tp is not AnyGPTConfig and hasattr(obj, "validate"):
-            obj.validate(path)
-        return obj
-    if tp is Any or tp is dict:
-        if tp is dict and not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-        return data
-    if tp is list:
-        if not isinstance(data, list):
-            raise ConfigError(f"{path}: expected a list, got {type(data).__name__}")
-        return data
+        return _build_dataclass(tp, data, path)
+    if origin is list:
+        require(isinstance(data, list), path, f"expected a list, got {data!r}")
+        (item,) = typing.get_args(tp)
+        return [build_config(item, v, f"{path}[{i}]") for i, v in enumerate(data)]
+    if origin is dict:
+        require(isinstance(data, dict), path, f"expected a mapping, got {data!r}")
+        _, value = typing.get_args(tp)
+        return {str(k): build_config(value, v, f"{path}.{k}") for k, v in data.items()}
+    return _scalar(tp, data, path)
+
+
+def _build_dataclass(tp: Any, data: Any, path: str) -> Any:
+    if data is None:  # an omitted section takes its defaults
+        data = {}
+    require(isinstance(data, dict), path, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(tp)
+    names = {f.name for f in dataclasses.fields(tp)}
+    unknown = sorted(set(data) - names)
+    require(not unknown, path,
+            f"unknown field(s) {', '.join(map(str, unknown))}; valid fields: {', '.join(sorted(names))}")
+    try:
+        obj = tp(**{k: build_config(hints[k], v, f"{path}.{k}") for k, v in data.items()})
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if "__post_init__" not in vars(tp) and hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def _scalar(tp: Any, data: Any, path: str) -> Any:
     if tp is float:
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {data!r}")
+        if isinstance(data, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                data = float(data)
+            except ValueError:
+                pass
+        require(not isinstance(data, bool) and isinstance(data, (int, float)), path,
+                f"expected a number, got {data!r}")
         return float(data)
     if tp is int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            raise ConfigError(f"{path}: expected an integer, got {data!r}")
-        return data
-    if tp is bool:
-        if not isinstance(data, bool):
-            raise ConfigError(f"{path}: expected true or false, got {data!r}")
-        return data
-    if tp is str:
-        if not isinstance(data, str):
-            raise ConfigError(f"{path}: expected a string, got {data!r}")
-        return data
+        require(not isinstance(data, bool) and isinstance(data, int), path, f"expected an integer, got {data!r}")
+    elif tp is bool:
+        require(isinstance(data, bool), path, f"expected true or false, got {data!r}")
+    elif tp is str:
+        require(isinstance(data, str), path, f"expected a string, got {data!r}")
+    elif tp is dict:
+        require(isinstance(data, dict), path, f"expected a mapping, got {type(data).__name__}")
+    elif tp is list:
+        require(isinstance(data, list), path, f"expected a list, got {type(data).__name__}")
     return data
