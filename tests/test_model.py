@@ -16,14 +16,20 @@ def test_dialogue_labels_cover_only_answers(tiny_pipe):
     assert (enc.labels[enc.labels != -100] == enc.input_ids[enc.labels != -100]).all()
 
 
+def _image_turn(pipe, image, question: str, answer: str):
+    """A one-turn dialogue about ``image``: its tokenisation and its media as the model takes them."""
+    conv = Conversation()
+    conv.add_user(question, {"image": [image]})
+    pipe._encode_pending(conv)
+    conv.add_assistant(answer)
+    enc = pipe.model.lm.tokenize_dialogue(conv.turns, pipe.model.num_media_tokens())
+    return conv, enc, [(r.modality, conv.encodings[r.key]) for r in enc.media]
+
+
 def test_forward_loss_and_signal_states_match_generation_path(tiny_pipe, media_files):
     model = tiny_pipe.model
-    conv = Conversation()
-    conv.add_user("Look <image>", {"image": [media_files["image"]]})
-    tiny_pipe._encode_pending(conv)
-    conv.add_assistant("ok [AUD0][AUD1][AUD2][AUD3][AUD4][AUD5][AUD6][AUD7] done")
-    enc = model.lm.tokenize_dialogue(conv.turns, model.num_media_tokens())
-    media = [(r.modality, conv.encodings[r.key]) for r in enc.media]
+    conv, enc, media = _image_turn(tiny_pipe, media_files["image"], "Look <image>",
+                                   "ok [AUD0][AUD1][AUD2][AUD3][AUD4][AUD5][AUD6][AUD7] done")
     out = model(enc.input_ids[None], media_mask=enc.media_mask[None], media=media, labels=enc.labels[None])
     assert torch.isfinite(out.loss) and out.hidden_states.shape[:2] == (1, enc.input_ids.numel())
 
@@ -38,16 +44,11 @@ def test_forward_loss_and_signal_states_match_generation_path(tiny_pipe, media_f
 
 def test_loss_gradients_reach_input_projector_and_signal_rows(tiny_pipe, media_files):
     model = tiny_pipe.model
-    conv = Conversation()
-    conv.add_user("<image>", {"image": [media_files["image"]]})
-    tiny_pipe._encode_pending(conv)
-    conv.add_assistant("[IMG0][IMG1][IMG2][IMG3]")
-    enc = model.lm.tokenize_dialogue(conv.turns, model.num_media_tokens())
+    _, enc, media = _image_turn(tiny_pipe, media_files["image"], "<image>", "[IMG0][IMG1][IMG2][IMG3]")
     emb = model.lm.model.get_input_embeddings().weight
     emb.requires_grad_(True)
     try:
-        out = model(enc.input_ids[None], media_mask=enc.media_mask[None],
-                    media=[(r.modality, conv.encodings[r.key]) for r in enc.media], labels=enc.labels[None])
+        out = model(enc.input_ids[None], media_mask=enc.media_mask[None], media=media, labels=enc.labels[None])
         states = model.signal_states(out.hidden_states, enc.input_ids[None], "image")
         (out.loss + model.project_signals("image", states).pow(2).mean()).backward()
         assert model.input_projectors["image"].proj.weight.grad.abs().sum() > 0
