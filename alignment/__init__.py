@@ -9,17 +9,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ManifestError": "alignment.data",
-    "Sample": "alignment.data",
-    "read_manifest": "alignment.data",
-    "AlignmentDataset": "alignment.data",
-    "collate": "alignment.data",
-    "TargetCache": "alignment.targets",
-    "MissingTargetsError": "alignment.targets",
-    "make_synthetic_dataset": "alignment.synthetic",
-    "TrainConfig": "alignment.config",
-    "load_train_config": "alignment.config",
-    "train": "alignment.recipe",
+    "ManifestError": "anygpt.alignment.data",
+    "Sample": "anygpt.alignment.data",
+    "read_manifest": "anygpt.alignment.data",
+    "AlignmentDataset": "anygpt.alignment.data",
+    "collate": "anygpt.alignment.data",
+    "TargetCache": "anygpt.alignment.targets",
+    "MissingTargetsError": "anygpt.alignment.targets",
+    "make_synthetic_dataset": "anygpt.alignment.synthetic",
+    "TrainConfig": "anygpt.alignment.config",
+    "load_train_config": "anygpt.alignment.config",
+    "train": "anygpt.alignment.recipe",
 }
 
 __all__ = sorted(_EXPORTS)

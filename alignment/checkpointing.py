@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from anygpt.errors import ConfigError
 
-from alignment.config import TrainConfig
-from alignment.trainable import TrainableParameters
+from anygpt.alignment.config import TrainConfig
+from anygpt.alignment.trainable import TrainableParameters
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

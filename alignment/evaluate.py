@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignment.data import AlignmentDataset, Sample, read_manifest
-from alignment.objective import captioned_signal_states, conditioning_metrics
+from anygpt.alignment.data import AlignmentDataset, Sample, read_manifest
+from anygpt.alignment.objective import captioned_signal_states, conditioning_metrics
 
 if TYPE_CHECKING:
     from anygpt.pipeline import AnyGPTPipeline
@@ -80,7 +80,7 @@ def _has_media_for(pipe: "AnyGPTPipeline", samples: Sequence[Sample], modules: A
 def _batches(dataset: AlignmentDataset, pipe: "AnyGPTPipeline", batch_size: int):
     from accelerate.utils import send_to_device
 
-    from alignment.recipe import eval_loader
+    from anygpt.alignment.recipe import eval_loader
 
     for batch in eval_loader(dataset, pipe.model, batch_size):
         yield send_to_device(batch, pipe.device)

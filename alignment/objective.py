@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignment.config import LossConfig
-from alignment.targets import TargetCache
+from anygpt.alignment.config import LossConfig
+from anygpt.alignment.targets import TargetCache
 
 if TYPE_CHECKING:
     from anygpt.model import AnyGPTModel

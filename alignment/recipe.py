@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from alignment.checkpointing import Checkpointer, TrainState
-from alignment.config import TrainConfig
-from alignment.data import AlignmentDataset, collate, read_manifest
-from alignment.objective import AlignmentObjective, ConditionTargets, ImageTargets, decoder_image_size
-from alignment.targets import TargetCache
-from alignment.tracking import build_trackers
-from alignment.trainable import TrainableParameters, configure_trainable, merge_into_model
+from anygpt.alignment.checkpointing import Checkpointer, TrainState
+from anygpt.alignment.config import TrainConfig
+from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
+from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, ImageTargets, decoder_image_size
+from anygpt.alignment.targets import TargetCache
+from anygpt.alignment.tracking import build_trackers
+from anygpt.alignment.trainable import TrainableParameters, configure_trainable, merge_into_model
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -26,7 +26,7 @@ from torch import nn
 
 from anygpt.errors import ConfigError
 
-from alignment.config import ALL, LoraConfig, TrainableConfig
+from anygpt.alignment.config import ALL, LoraConfig, TrainableConfig
 
 if TYPE_CHECKING:
     from anygpt.model import AnyGPTModel

@@ -153,8 +153,8 @@ def _app(args: argparse.Namespace) -> int:
     # itself stays free of later-stage imports (tests/test_imports.py).
     import importlib
 
-    build_app = importlib.import_module("app.chat").build_app
-    launch = importlib.import_module("app.server").launch
+    build_app = importlib.import_module("anygpt.app.chat").build_app
+    launch = importlib.import_module("anygpt.app.server").launch
     demo = build_app(pipe, output_dir=args.out, max_upload_mb=args.max_upload_mb,
                      concurrency=args.concurrency)
     launch(demo, host=args.host, port=args.port, share=args.share, block=True)
@@ -167,7 +167,7 @@ def _alignment(module: str):
     import importlib
 
     try:
-        return importlib.import_module(f"alignment.{module}")
+        return importlib.import_module(f"anygpt.alignment.{module}")
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("alignment", "accelerate", "peft"):
             raise AnyGPTError(f"training needs the `alignment` package and its dependencies ({exc}); "

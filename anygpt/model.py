@@ -64,7 +64,7 @@ class AnyGPTModel(nn.Module):
     @classmethod
     def from_config(cls, config: AnyGPTConfig, base_dir: Path | None = None) -> "AnyGPTModel":
         """Build every component from ``config`` (relative paths resolve against ``base_dir``)."""
-        import decoders
+        from anygpt import decoders
         from anygpt.encoders import build_encoder
 
         encoder = build_encoder(config.encoder, base_dir=base_dir)

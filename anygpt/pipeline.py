@@ -95,8 +95,7 @@ class AnyGPTPipeline:
         if modality not in self._decoders:
             if modality not in self.config.output_modalities:
                 raise UnknownNameError("output modality", modality, self.config.output_modalities)
-            import decoders
-
+            from anygpt import decoders
             self._decoders[modality] = decoders.load_decoder(
                 decoder_config(self.config, modality, self.base_dir), device=self.device)
         return self._decoders[modality]

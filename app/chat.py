@@ -13,8 +13,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.engine import OUTPUT_CHOICES, TurnState, run_turn
-from app.session import MODALITY_SUFFIXES, ChatSession, UserMessage
+from anygpt.app.engine import OUTPUT_CHOICES, TurnState, run_turn
+from anygpt.app.session import MODALITY_SUFFIXES, ChatSession, UserMessage
 
 logger = logging.getLogger(__name__)
 

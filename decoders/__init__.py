@@ -16,7 +16,7 @@ Loaded decoders are not cached here: the caller keeps the instance and reuses it
 Example::
 
     from anygpt.config import DecoderConfig
-    from decoders import load_decoder
+    from anygpt.decoders import load_decoder
 
     decoder = load_decoder(DecoderConfig(name="stable-diffusion", arch={}, steps=2))
     image = decoder.decode(decoder.encode_text(["a photo of a cat"]), seed=0)[0]
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from decoders.base import DECODERS, Decoder
+from anygpt.decoders.base import DECODERS, Decoder
 
 # Each module registers its decoder on import (without importing diffusers), in modality order.
-from decoders import image, audio, video  # noqa: F401,I001  isort: skip
+from anygpt.decoders import image, audio, video  # noqa: F401,I001  isort: skip
 
 if TYPE_CHECKING:
     import torch

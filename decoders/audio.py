@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from anygpt.types import Audio
-from decoders import tiny
-from decoders.base import Decoder, register
+from anygpt.decoders import tiny
+from anygpt.decoders.base import Decoder, register
 
 __all__ = ["TINY_ARCH", "AudioLDMDecoder"]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from anygpt.config import DecoderConfig
 from anygpt.errors import ConfigError, WeightsNotFoundError
 from anygpt.registry import Registry
-from decoders import tiny
+from anygpt.decoders import tiny
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

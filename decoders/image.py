@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from decoders import tiny
-from decoders.base import ClipConditionedDecoder, register
+from anygpt.decoders import tiny
+from anygpt.decoders.base import ClipConditionedDecoder, register
 
 __all__ = ["TINY_ARCH", "StableDiffusionDecoder"]
 

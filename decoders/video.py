@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from anygpt.types import Video
-from decoders import tiny
-from decoders.base import ClipConditionedDecoder, register
+from anygpt.decoders import tiny
+from anygpt.decoders.base import ClipConditionedDecoder, register
 
 __all__ = ["TINY_ARCH", "TextToVideoDecoder"]
 

@@ -99,9 +99,9 @@ def run_cases(workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def _stage2_digest(workdir: Path) -> str:
     """Train stage 2 for a few steps on the tiny preset; hash the trained projector file."""
-    from alignment.config import CONFIG_DIR, load_train_config
-    from alignment.recipe import train
-    from alignment.synthetic import make_synthetic_dataset
+    from anygpt.alignment.config import CONFIG_DIR, load_train_config
+    from anygpt.alignment.recipe import train
+    from anygpt.alignment.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(workdir / "synthetic", num_train=12, num_val=3, seed=0)
     config = load_train_config(CONFIG_DIR / "stage2_decoding.yaml", [

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.data import AlignmentDataset, ManifestError, Sample, collate, read_manifest
-from alignment.synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, PITCHES, make_synthetic_dataset
-from alignment.targets import MissingTargetsError, TargetCache
+from anygpt.alignment.data import AlignmentDataset, ManifestError, Sample, collate, read_manifest
+from anygpt.alignment.synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, PITCHES, make_synthetic_dataset
+from anygpt.alignment.targets import MissingTargetsError, TargetCache
 from anygpt.errors import ConfigError
 
 
@@ -80,7 +80,7 @@ def bad_manifest(media_dir):
 
 
 def test_manifest_skip_reports_each_bad_row_with_its_line(bad_manifest, caplog):
-    with caplog.at_level(logging.WARNING, logger="alignment.data"):
+    with caplog.at_level(logging.WARNING, logger="anygpt.alignment.data"):
         samples = read_manifest(bad_manifest, on_error="skip")
     assert [s.line for s in samples] == [1]
     messages = [r.getMessage() for r in caplog.records]

@@ -17,7 +17,7 @@ import torch
 
 from anygpt.errors import ConfigError
 
-from alignment.config import CONFIG_DIR, TrainConfig, load_train_config, shipped_configs
+from anygpt.alignment.config import CONFIG_DIR, TrainConfig, load_train_config, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_FILES = {1: "stage1_encoding", 2: "stage2_decoding", 3: "stage3_instruction"}
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    from alignment.synthetic import make_synthetic_dataset
+    from anygpt.alignment.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=96, num_val=24, seed=0)
 
@@ -103,7 +103,7 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
 ])
 def test_bad_configs_say_what_and_how(override, message, tmp_path):
     if message is None:  # a modality the model lacks is caught when the model is known
-        from alignment.trainable import configure_trainable
+        from anygpt.alignment.trainable import configure_trainable
 
         config = load_train_config(CONFIG_DIR / "stage2_decoding.yaml", [override])
         with pytest.raises(ConfigError, match="no projector for .'smell'.; valid"):
@@ -126,10 +126,10 @@ def test_missing_config_file_lists_the_shipped_ones(tmp_path):
 def stage2(data, tmp_path_factory):
     """Train stage 2 once (with weight decay on, to show it never touches frozen rows) while
     counting text-encoder calls; returns (result, before metrics, encode_text calls, steps)."""
-    from alignment.evaluate import conditioning_report
-    from alignment.data import read_manifest
-    from alignment.recipe import train
-    from decoders.base import Decoder
+    from anygpt.alignment.evaluate import conditioning_report
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.recipe import train
+    from anygpt.decoders.base import Decoder
 
     before = conditioning_report(_tiny(), read_manifest(data["captions_val"]), decode=0)
     calls = []
@@ -152,8 +152,8 @@ def stage2(data, tmp_path_factory):
 
 @pytest.mark.slow
 def test_stage2_aligns_held_out_conditioning(stage2, data):
-    from alignment.data import read_manifest
-    from alignment.evaluate import conditioning_report
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.evaluate import conditioning_report
 
     result, before, _, _ = stage2
     after = conditioning_report(_load(result.model_dir), read_manifest(data["captions_val"]), decode=1)
@@ -219,7 +219,7 @@ def test_stage2_writes_checkpoints_logs_and_config(stage2):
 
 
 def test_stage2_denoising_loss_trains_the_image_projector(data, tmp_path):
-    from alignment.recipe import train
+    from anygpt.alignment.recipe import train
 
     config = _config(2, tmp_path, data, "train.max_steps=3", "train.batch_size=4", "loss.lm=0",
                      "loss.condition_mse=0", "loss.denoising=1", "data.val=null",
@@ -237,9 +237,9 @@ def test_stage2_denoising_loss_trains_the_image_projector(data, tmp_path):
 
 @pytest.mark.slow
 def test_stage1_lowers_held_out_caption_loss_and_trains_only_input_projectors(data, tmp_path):
-    from alignment.data import read_manifest
-    from alignment.evaluate import caption_loss
-    from alignment.recipe import train
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.evaluate import caption_loss
+    from anygpt.alignment.recipe import train
 
     val = read_manifest(data["captions_val"])
     start = _tiny()
@@ -259,9 +259,9 @@ def test_stage1_lowers_held_out_caption_loss_and_trains_only_input_projectors(da
 
 @pytest.mark.slow
 def test_stage3_emits_the_requested_signal_run(data, tmp_path):
-    from alignment.evaluate import signal_emission_report
-    from alignment.data import read_manifest
-    from alignment.recipe import train
+    from anygpt.alignment.evaluate import signal_emission_report
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.recipe import train
 
     dialogues = read_manifest(data["dialogues_val"])
     before = signal_emission_report(_tiny(), dialogues)
@@ -286,7 +286,7 @@ def test_stage3_emits_the_requested_signal_run(data, tmp_path):
 def test_lora_on_a_referenced_llm_is_saved_merged_and_whole(stage2, data, tmp_path):
     """Stage 3 from a model directory whose LLM is referenced by path (like a hub LLM): the
     merged LLM is written whole into the new directory, which reloads with the trained weights."""
-    from alignment.recipe import train
+    from anygpt.alignment.recipe import train
 
     start = stage2[0].model_dir
     config = _config(3, tmp_path, data, f"model={start}", "train.max_steps=2", "train.batch_size=4",
@@ -310,8 +310,8 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     """8 steps straight == 4 steps, interrupt, --resume 4 more: bitwise-equal weights. Stage 3
     exercises every piece of state: LoRA dropout (RNG), gradient accumulation, warmup + cosine
     schedule, AdamW moments, a mid-epoch data position and a mixed dataset."""
-    from alignment.checkpointing import Checkpointer
-    from alignment.recipe import train
+    from anygpt.alignment.checkpointing import Checkpointer
+    from anygpt.alignment.recipe import train
 
     overrides = ["train.max_steps=8", "train.batch_size=4", "train.grad_accum=2", "checkpoint.every=2",
                  "schedule.warmup_steps=3", "data.val=null", "optim.lr=1e-3", "trainable.lora.r=4"]
@@ -338,7 +338,7 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
 
 
 def test_resume_without_checkpoint_says_how_to_fix(tmp_path):
-    from alignment.checkpointing import latest_checkpoint
+    from anygpt.alignment.checkpointing import latest_checkpoint
 
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / ".tmp-checkpoint-00000009").mkdir()  # an interrupted save is never picked

@@ -39,8 +39,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_pipe, tmp_path_factory):
-    from app.chat import build_app
-    from app.server import launch
+    from anygpt.app.chat import build_app
+    from anygpt.app.server import launch
 
     out = tmp_path_factory.mktemp("app_out")
     demo = build_app(FlakyPipe(tiny_pipe), output_dir=out, max_upload_mb=0.25)
@@ -164,8 +164,8 @@ def test_eight_concurrent_clients(server, media_files):
 
 
 def test_engine_failure_leaves_the_conversation_unchanged(tiny_pipe, tmp_path, media_files):
-    from app.engine import run_turn
-    from app.session import ChatSession, UserMessage
+    from anygpt.app.engine import run_turn
+    from anygpt.app.session import ChatSession, UserMessage
 
     session = ChatSession()
     states = list(run_turn(tiny_pipe, session, UserMessage("hi", [str(media_files["image"])]), output_dir=tmp_path))

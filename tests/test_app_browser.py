@@ -31,8 +31,8 @@ ARTIFACTS_ENV = "ANYGPT_TEST_ARTIFACTS"
 
 @pytest.fixture(scope="module")
 def ui_url(tiny_pipe, tmp_path_factory):
-    from app.chat import build_app
-    from app.server import launch
+    from anygpt.app.chat import build_app
+    from anygpt.app.server import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import decoders
+from anygpt import decoders
 from anygpt.config import DecoderConfig
 from anygpt.errors import ConfigError, UnknownNameError, WeightsNotFoundError
 from anygpt.types import Audio, Video
