@@ -12,12 +12,14 @@ Values of overrides are parsed as YAML (``1e-3`` is a number, ``[image]`` a list
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from anygpt.config import build_config, require
 from anygpt.errors import ConfigError
+from anygpt.modalities import MODALITIES
 
 __all__ = [
     "TrainConfig", "DataConfig", "TrainableConfig", "LoraConfig", "LossConfig", "OptimConfig",
@@ -33,6 +35,25 @@ SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("csv", "tensorboard")
 PARAM_GROUPS = ("input_projectors", "output_projectors", "signal_embeddings", "lora")
+
+
+def _path_field(default: Any) -> Any:
+    """A field holding a path: relative values resolve against the config file's folder (values
+    given as command-line overrides, against the current directory)."""
+    return field(default=default, metadata={"path": True})
+
+
+def path_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of every path field of the training config (``data.train``, ...)."""
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("path"):
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(path_keys(hints[f.name], f"{prefix}{f.name}."))
+    return keys
 
 
 @dataclass
@@ -51,12 +72,12 @@ class DataConfig:
         num_workers: DataLoader worker processes.
     """
 
-    train: str = ""
-    val: Optional[str] = None
-    decoding_train: Optional[str] = None
+    train: str = _path_field("")
+    val: Optional[str] = _path_field(None)
+    decoding_train: Optional[str] = _path_field(None)
     modalities: Optional[list[str]] = None
     on_error: str = "skip"
-    target_cache: Optional[str] = None
+    target_cache: Optional[str] = _path_field(None)
     num_workers: int = 0
 
     def validate(self, path: str) -> None:
@@ -115,7 +136,8 @@ class LossConfig:
             conditioning of the caption (NExT-GPT's decoding-side alignment).
         denoising: the decoder's denoising loss through its frozen UNet, conditioned on the
             projected signal states, on the sample's own media.
-        denoising_modalities: modalities the denoising loss applies to (image only for now).
+        denoising_modalities: output modalities the denoising loss applies to (registered
+            modality names; each decoder turns its media into training samples).
     """
 
     lm: float = 1.0
@@ -127,9 +149,9 @@ class LossConfig:
         for name in ("lm", "condition_mse", "denoising"):
             require(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
         require(self.lm + self.condition_mse + self.denoising > 0, path, "every loss weight is 0")
-        unsupported = sorted(set(self.denoising_modalities) - {"image"})
-        require(not unsupported, f"{path}.denoising_modalities",
-               f"{unsupported} not supported yet (only image samples are loaded as denoising targets)")
+        unknown = sorted(set(self.denoising_modalities) - set(MODALITIES))
+        require(not unknown, f"{path}.denoising_modalities",
+               f"unknown modality name(s) {', '.join(unknown)}; valid: {', '.join(MODALITIES)}")
 
 
 @dataclass
@@ -249,8 +271,8 @@ class TrainConfig:
     """
 
     stage: int = 1
-    model: str = "tiny"
-    output_dir: str = "runs/alignment"
+    model: str = _path_field("tiny")
+    output_dir: str = _path_field("runs/alignment")
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
@@ -306,11 +328,39 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainC
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides)
+    data = _resolve_paths(data, path.resolve().parent)
+    data = _resolve_paths(apply_overrides(data, overrides), Path.cwd(), only=_override_keys(overrides))
     try:
         return TrainConfig.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _override_keys(overrides: Sequence[str]) -> set[str]:
+    return {item.partition("=")[0] for item in overrides}
+
+
+def _resolve_paths(data: dict, base: Path, only: set[str] | None = None) -> dict:
+    """``data`` with its relative path fields (:func:`path_keys`) made absolute against ``base``."""
+    for key in path_keys():
+        if only is not None and key not in only:
+            continue
+        *parents, name = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(name), str):
+            node[name] = _absolute(node[name], base, may_be_preset=key == "model")
+    return data
+
+
+def _absolute(value: str, base: Path, may_be_preset: bool) -> str:
+    """``value`` as an absolute path against ``base``; a preset name (``model: mini``) unchanged."""
+    from anygpt.config import list_presets
+
+    if may_be_preset and value in list_presets():
+        return value
+    return str((base / Path(value).expanduser()).resolve())
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

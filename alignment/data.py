@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from anygpt.errors import AnyGPTError, ConfigError, MediaError
-from anygpt.llm import MediaRef, Turn
+from anygpt.turns import MediaRef, Turn
 from anygpt.modalities import MODALITIES, get_modality
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ STAGE2_PROMPTS: tuple[str, ...] = (
     "Please produce {a_modality} of {caption}.",
     "Can you make {a_modality} of {caption}?",
 )
-_NOUN_PHRASES = {"image": "an image", "audio": "an audio clip", "video": "a video"}
 
 
 class ManifestError(AnyGPTError, ValueError):
@@ -323,7 +322,7 @@ class AlignmentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         prompt = self.model.lm.tokenize_dialogue(item.turns, self.model.num_media_tokens())
-        media = [(ref.modality, self.embedding(ref.modality, Path(ref.key))) for ref in prompt.media]
+        media = [(ref.modality, self.embedding(ref.modality, Path(ref.source))) for ref in prompt.media]
         return {"input_ids": prompt.input_ids, "labels": prompt.labels, "media_mask": prompt.media_mask,
                 "media": media, "caption": item.caption, "output_modality": item.output_modality,
                 "index": index}
@@ -331,7 +330,7 @@ class AlignmentDataset(torch.utils.data.Dataset):
     # Encoder embeddings ----------------------------------------------------------------------
     def media_files(self) -> dict[Path, str]:
         """Every media file the items use → its modality."""
-        return {Path(ref.key): ref.modality for item in self.items for turn in item.turns for ref in turn.media}
+        return {Path(ref.source): ref.modality for item in self.items for turn in item.turns for ref in turn.media}
 
     def embedding(self, modality: str, path: Path) -> torch.Tensor:
         """The frozen encoder's embedding (D,) of one file, computed on first use (CPU)."""
@@ -353,10 +352,7 @@ class AlignmentDataset(torch.utils.data.Dataset):
                         sum(len(p) for p in pending.values()))
 
     def _encode(self, modality: str, paths: list[Path]) -> None:
-        spec = get_modality(modality)
-        with torch.no_grad():
-            batch = torch.stack([spec.preprocess(path) for path in paths])
-            out = self.model.encode_media(modality, batch).detach().float().cpu()
+        out = self.model.encode_items(modality, paths).detach().float().cpu()
         self.embeddings.update(zip(paths, out))
 
     # Items per stage -------------------------------------------------------------------------
@@ -371,7 +367,7 @@ class AlignmentDataset(torch.utils.data.Dataset):
                     continue
                 for path in paths:
                     text = prompts[len(items) % len(prompts)].format(modality=modality)
-                    user = Turn("user", text, [MediaRef(modality, str(path))])
+                    user = Turn("user", text, [_file_ref(modality, path)])
                     items.append(_Item([user, Turn("assistant", sample.caption)], caption=sample.caption))
         return items
 
@@ -385,7 +381,7 @@ class AlignmentDataset(torch.utils.data.Dataset):
             for modality in chosen or [m for m in sample.media if m in outputs]:
                 template = prompts[len(items) % len(prompts)]
                 request = template.format(modality=modality, caption=sample.caption,
-                                          a_modality=_NOUN_PHRASES.get(modality, f"a {modality}"))
+                                          a_modality=get_modality(modality).noun)
                 answer = f"{sample.caption} {''.join(self.model.lm.signal_tokens[modality])}"
                 items.append(_Item([Turn("user", request), Turn("assistant", answer)],
                                    caption=sample.caption, output_modality=modality))
@@ -401,7 +397,7 @@ class AlignmentDataset(torch.utils.data.Dataset):
                                   f"use a dialogue manifest for stage 3")
             turns = []
             for message in sample.turns:
-                refs = [MediaRef(m, str(p)) for m, paths in message["media"].items() for p in paths]
+                refs = [_file_ref(m, p) for m, paths in message["media"].items() for p in paths]
                 bad = sorted({r.modality for r in refs} - readable)
                 if bad:
                     raise ConfigError(f"line {sample.line}: the model has no input projector for "
@@ -419,6 +415,11 @@ class AlignmentDataset(torch.utils.data.Dataset):
             raise ConfigError(f"the model has no {kind} modality {', '.join(map(repr, bad))}; "
                               f"valid: {', '.join(available)}")
         return list(requested)
+
+
+def _file_ref(modality: str, path: Path) -> MediaRef:
+    """A training item's media: the embedding cache here is keyed by the resolved file path."""
+    return MediaRef(modality, key=str(path), source=str(path))
 
 
 def _with_captions(samples: list[Sample], stage: int) -> list[Sample]:

@@ -9,7 +9,8 @@ weighted by :class:`~alignment.config.LossConfig`:
   signal states and the decoder's own text conditioning of the caption (read from a
   :class:`~alignment.targets.TargetCache`; no text encoder runs during training);
 * ``denoising`` — the decoder's denoising loss through its frozen UNet, conditioned on the
-  projected signal states, on the caption's own media (images).
+  projected signal states, on the caption's own media (any output modality: each decoder turns
+  its media into training samples, see :class:`MediaTargets`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from torch import nn
 
 from anygpt.alignment.config import LossConfig
 from anygpt.alignment.targets import TargetCache
+from anygpt.modalities import get_modality
 
 if TYPE_CHECKING:
+    from anygpt.decoders import Decoder
     from anygpt.model import AnyGPTModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignmentObjective", "ConditionTargets", "ImageTargets", "conditioning_metrics", "signal_run_rows",
-           "captioned_signal_states", "decoder_image_size"]
+__all__ = ["AlignmentObjective", "ConditionTargets", "MediaTargets", "conditioning_metrics", "signal_run_rows",
+           "captioned_signal_states"]
 
 
 class ConditionTargets:
@@ -50,46 +53,45 @@ class ConditionTargets:
         return self.cache.get(self.decoder_ids[modality], list(captions)).to(device, torch.float32)
 
 
-class ImageTargets:
-    """The images of caption rows as denoising targets: caption → (3, H, W) in [-1, 1].
+class MediaTargets:
+    """The media of caption rows as denoising targets, by output modality.
 
-    A caption with several images uses the first. Images are resized to the decoder's size and
-    kept in memory after the first load.
+    For each modality, a caption maps to the first file of that modality of a row with that
+    caption. Files are loaded with the modality's loader (``get_modality(m).load``), turned into
+    training samples by the modality's decoder (:meth:`Decoder.training_sample`: the size, range
+    and representation its VAE encodes) and kept in memory after the first load.
+
+    Args:
+        samples: caption rows (with ``caption`` and ``media``: modality → file paths).
+        decoders: output modality → its decoder; only these modalities get targets.
     """
 
-    def __init__(self, samples: Sequence[Any], size: tuple[int, int]):
-        self.size = size
-        self.paths: dict[str, Path] = {}
+    def __init__(self, samples: Sequence[Any], decoders: Mapping[str, "Decoder"]):
+        self.decoders = dict(decoders)
+        self.paths: dict[str, dict[str, Path]] = {m: {} for m in self.decoders}
         for sample in samples:
-            if sample.caption is not None and sample.media.get("image"):
-                self.paths.setdefault(sample.caption, Path(sample.media["image"][0]))
-        self._loaded: dict[Path, torch.Tensor] = {}
+            if sample.caption is None:
+                continue
+            for modality, paths in self.paths.items():
+                files = sample.media.get(modality)
+                if files:
+                    paths.setdefault(sample.caption, Path(files[0]))
+        self._loaded: dict[tuple[str, Path], torch.Tensor] = {}
 
-    def __contains__(self, caption: str) -> bool:
-        return caption in self.paths
+    def has(self, modality: str, caption: str) -> bool:
+        """Whether ``caption`` has a ``modality`` file."""
+        return caption in self.paths.get(modality, {})
 
-    def get(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
-        """(B, 3, H, W) float32 in [-1, 1]."""
-        return torch.stack([self._load(self.paths[c]) for c in captions]).to(device)
+    def get(self, modality: str, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        """The training samples of ``captions`` stacked (``(B, ...)`` float32) on ``device``."""
+        return torch.stack([self._load(modality, self.paths[modality][c]) for c in captions]).to(device)
 
-    def _load(self, path: Path) -> torch.Tensor:
-        if path not in self._loaded:
-            import numpy as np
-            from PIL import Image
-
-            height, width = self.size
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC))
-            tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-            self._loaded[path] = tensor
-        return self._loaded[path]
-
-
-def decoder_image_size(decoder: Any) -> tuple[int, int]:
-    """(height, width) of the images a diffusers image decoder generates by default."""
-    pipeline = decoder.pipeline
-    side = int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
-    return side, side
+    def _load(self, modality: str, path: Path) -> torch.Tensor:
+        key = (modality, path)
+        if key not in self._loaded:
+            value = get_modality(modality).load(path)
+            self._loaded[key] = self.decoders[modality].training_sample(value)
+        return self._loaded[key]
 
 
 def signal_run_rows(input_ids: torch.Tensor, first_id: int) -> torch.Tensor:
@@ -130,13 +132,13 @@ class AlignmentObjective(nn.Module):
         targets: cached conditionings (needed when ``losses.condition_mse > 0``).
         decoders: output modality → decoder (needed when ``losses.denoising > 0``); frozen and
             deliberately not registered as submodules.
-        images: denoising targets by caption (needed when ``losses.denoising > 0``).
+        media: denoising targets by modality and caption (needed when ``losses.denoising > 0``).
         extra: trainable modules that act on the model through hooks (the signal-row offsets);
             registered here so that DDP / DeepSpeed see their parameters.
     """
 
     def __init__(self, model: "AnyGPTModel", losses: LossConfig, targets: ConditionTargets | None = None,
-                 decoders: Mapping[str, Any] | None = None, images: ImageTargets | None = None,
+                 decoders: Mapping[str, Any] | None = None, media: MediaTargets | None = None,
                  extra: nn.ModuleDict | None = None):
         super().__init__()
         self.model = model
@@ -144,7 +146,7 @@ class AlignmentObjective(nn.Module):
         self.losses = losses
         self.targets = targets
         self._decoders = dict(decoders or {})
-        self.images = images
+        self.media = media
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 media_mask: torch.Tensor, media: Sequence[tuple[str, torch.Tensor]] = (),
@@ -201,12 +203,12 @@ class AlignmentObjective(nn.Module):
 
     def _denoising(self, modality: str, predicted: torch.Tensor, captions: list[str],
                    noise_seed: int) -> torch.Tensor | None:
-        if self.images is None or modality not in self._decoders:
+        if self.media is None or modality not in self._decoders:
             return None
-        have = [i for i, c in enumerate(captions) if c in self.images]
+        have = [i for i, c in enumerate(captions) if self.media.has(modality, c)]
         if not have:
             return None
         decoder = self._decoders[modality]
-        samples = self.images.get([captions[i] for i in have], predicted.device)
+        samples = self.media.get(modality, [captions[i] for i in have], predicted.device)
         generator = torch.Generator(device=decoder.device).manual_seed(noise_seed)
         return decoder.denoising_loss(predicted[have], samples, generator=generator)

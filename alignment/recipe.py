@@ -18,7 +18,6 @@ import functools
 import logging
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from anygpt.alignment.checkpointing import Checkpointer, TrainState
 from anygpt.alignment.config import TrainConfig
 from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
-from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, ImageTargets, decoder_image_size
+from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, MediaTargets
 from anygpt.alignment.targets import TargetCache
 from anygpt.alignment.tracking import build_trackers
 from anygpt.alignment.trainable import TrainableParameters, configure_trainable, merge_into_model
@@ -63,7 +62,7 @@ class TrainResult:
 class _Data:
     train: Dataset
     val: Dataset | None
-    samples: list  # every caption row (train and val), for targets and denoising images
+    samples: list  # every caption row (train and val), for targets and denoising media
 
 
 # =============================================================================================
@@ -238,7 +237,7 @@ def _batches(loader: DataLoader, sampler: EpochSampler, accelerator: "Accelerato
 
 def _output_side(config: TrainConfig, pipe: "AnyGPTPipeline", data: _Data,
                  accelerator: "Accelerator") -> dict[str, Any]:
-    """The objective's conditioning targets, decoders and denoising images, as the config needs."""
+    """The objective's conditioning targets, decoders and denoising media, as the config needs."""
     kwargs: dict[str, Any] = {}
     modalities = _captioned_output_modalities(data)
     if config.loss.condition_mse > 0 and modalities:
@@ -246,8 +245,7 @@ def _output_side(config: TrainConfig, pipe: "AnyGPTPipeline", data: _Data,
     denoise = [m for m in config.loss.denoising_modalities if m in modalities]
     if config.loss.denoising > 0 and denoise:
         kwargs["decoders"] = {m: pipe.decoder(m) for m in denoise}
-        size = decoder_image_size(kwargs["decoders"]["image"])
-        kwargs["images"] = ImageTargets(data.samples, size)
+        kwargs["media"] = MediaTargets(data.samples, kwargs["decoders"])
     return kwargs
 
 
@@ -484,50 +482,22 @@ def save_model(pipe: "AnyGPTPipeline", trainable: TrainableParameters, directory
     """Fold the trained signal rows into the embedding matrices, merge LoRA into the LLM, and
     write a model directory that ``AnyGPTPipeline.from_pretrained`` loads.
 
-    The directory is written to a temporary sibling and renamed. When LoRA changed an LLM that
-    the directory would otherwise only reference (a hub id or path), the merged LLM is saved in
-    full under ``llm/`` and the config points there.
+    The main process writes it with :func:`anygpt.checkpoint.save_model_directory` (atomically:
+    a temporary sibling renamed into place). When LoRA changed an LLM that the directory would
+    otherwise only reference (a hub id or path), the merged LLM is saved in full under ``llm/``.
     """
+    from anygpt.checkpoint import save_model_directory
+
     if accelerator is not None:
         accelerator.wait_for_everyone()
     had_lora = trainable.peft_model is not None
     merge_into_model(pipe.model, trainable)
-    main = accelerator is None or accelerator.is_main_process
-    if main:
-        tmp = directory.with_name(f".tmp-{directory.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp)
-        llm = pipe.config.llm
-        if had_lora and not (llm.pretrained is None and llm.arch is not None):  # else saved whole anyway
-            _save_whole_llm(pipe, tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+    if accelerator is None or accelerator.is_main_process:
+        # Only decoders built from `arch` are written; pretrained ones are referenced, not loaded.
+        decoders = {m: pipe.decoder(m) for m in pipe.config.output_modalities
+                    if pipe.config.modalities[m].decoder.pretrained is None}
+        save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, save_llm=had_lora)
         logger.info("saved the trained model to %s", directory)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return directory
-
-
-def _save_whole_llm(pipe: "AnyGPTPipeline", directory: Path) -> None:
-    """Save the (LoRA-merged) LLM and tokenizer under ``llm/`` and point the config at them.
-
-    The weights are written with safetensors directly: ``save_pretrained`` refuses models that
-    were loaded from GGUF (the ``mini`` preset), although their tensors are plain after loading.
-    """
-    from safetensors.torch import save_file
-
-    from anygpt.config import CONFIG_FILENAME, AnyGPTConfig
-
-    lm, folder = pipe.model.lm, directory / "llm"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in lm.model.state_dict().items()}
-    if getattr(lm.model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # stored once, as the input embeddings
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    lm.model.config.save_pretrained(folder)
-    lm.model.generation_config.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    data = AnyGPTConfig.from_file(directory / CONFIG_FILENAME).to_dict()
-    data["llm"].update(pretrained="llm", tokenizer=None, gguf_file=None, local_package=None, arch=None)
-    AnyGPTConfig.from_dict(data).to_yaml(directory / CONFIG_FILENAME)

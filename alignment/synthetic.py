@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from anygpt.modalities import get_modality
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["make_synthetic_dataset", "COLOURS", "BACKGROUNDS", "SHAPES", "PITCHES", "WAVEFORMS",
@@ -44,7 +46,6 @@ DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up"
 SIZE = 64
 SAMPLE_RATE = 16000
 FRAMES, FPS, STEP = 8, 8, 4
-_DEFAULT_RUN_LENGTHS = {"image": 4, "audio": 8, "video": 24}
 
 _REQUESTS = {
     "image": ("show me {caption}", "draw {caption}", "can you paint {caption}?"),
@@ -100,9 +101,7 @@ def make_synthetic_dataset(directory: str | Path, *, num_train: int = 64, num_va
 
 
 def _standard_signal_tokens() -> dict[str, list[str]]:
-    from anygpt.modalities import get_modality
-
-    return {m: get_modality(m).signal_tokens(n) for m, n in _DEFAULT_RUN_LENGTHS.items()}
+    return {m: get_modality(m).signal_tokens() for m in MODALITIES}
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
@@ -123,12 +122,10 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 
 def _make_media(root: Path, split: str, index: int, modality: str, rng: np.random.Generator) -> _Media:
-    from anygpt.media import write_media
-
-    suffix = {"image": "png", "audio": "wav", "video": "mp4"}[modality]
+    spec = get_modality(modality)
     value, caption = _CAPTIONERS[modality](rng)
-    relative = f"{split}/{modality}_{index:04d}.{suffix}"
-    write_media(modality, value, root / relative)
+    relative = f"{split}/{modality}_{index:04d}{spec.output_suffix}"
+    spec.write(value, root / relative)
     return _Media(modality, relative, caption)
 
 

@@ -2,10 +2,10 @@
 
 Text, images, audio and video in; text, images, audio and video out. The public API::
 
-    from anygpt import AnyGPTPipeline
+    from anygpt import AnyGPTPipeline, save_output
     pipe = AnyGPTPipeline.from_pretrained("mini")
     out = pipe("Describe this and draw a variation", images=["cat.png"], outputs=("image",))
-    out.save("answer/")
+    save_output(out, "answer/")
 
 Importing ``anygpt`` is light: torch, transformers, diffusers and ImageBind load only when a
 model is built.
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnyGPTPipeline", "AnyGPTConfig", "Conversation", "GenerationOutput", "Audio", "Video",
     "AnyGPTError", "ConfigError", "ContextLengthError", "MediaError", "UnknownNameError",
-    "WeightsNotFoundError", "list_presets",
+    "WeightsNotFoundError", "list_presets", "save_output",
 ]
 
 _LAZY = {
@@ -40,11 +40,13 @@ _LAZY = {
     "GenerationOutput": "anygpt.types",
     "Audio": "anygpt.types",
     "Video": "anygpt.types",
+    "save_output": "anygpt.export",
 }
 
 if TYPE_CHECKING:
     from anygpt.config import AnyGPTConfig, list_presets
     from anygpt.conversation import Conversation
+    from anygpt.export import save_output
     from anygpt.pipeline import AnyGPTPipeline
     from anygpt.types import Audio, GenerationOutput, Video
 

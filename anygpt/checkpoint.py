@@ -5,36 +5,47 @@ A model directory holds ``anygpt_config.yaml`` plus the weights that cannot be f
 * ``projectors.safetensors`` — input and output projectors;
 * ``llm_added_tokens.safetensors`` — embedding (and LM-head) rows of the added tokens, when the
   LLM itself is referenced by hub id or path;
-* ``llm/``, ``encoder.safetensors``, ``decoders/<modality>/`` — whole components, written only
-  when they were randomly initialised (the ``tiny`` preset) and so exist nowhere else.
+* ``llm/`` — the whole LLM and tokenizer instead, when its weights exist nowhere else: randomly
+  initialised (the ``tiny`` preset), changed by training (LoRA merged) or by a NExT-GPT
+  checkpoint;
+* ``encoder.safetensors``, ``decoders/<modality>/`` — whole components, written only when they
+  were randomly initialised and so exist nowhere else.
+
+:func:`save_model_directory` is the one writer of all of these.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from anygpt.config import CONFIG_FILENAME, AnyGPTConfig
-from anygpt.errors import WeightsNotFoundError
-from anygpt.llm import resolve_path
+from anygpt.encoders import IMAGEBIND_HUGE
+from anygpt.errors import ConfigError, WeightsNotFoundError
+from anygpt.llm import BYTE_LEVEL, LanguageModel
+from anygpt.paths import resolve_path
 
 if TYPE_CHECKING:
+    from anygpt.decoders import Decoder
     from anygpt.model import AnyGPTModel
-    from anygpt.pipeline import AnyGPTPipeline
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_pipeline", "load_weights", "load_checkpoint", "convert_nextgpt_state_dict",
+__all__ = ["save_model_directory", "load_weights", "load_checkpoint", "convert_nextgpt_state_dict",
            "PROJECTORS_FILE", "ADDED_TOKENS_FILE"]
 
 PROJECTORS_FILE = "projectors.safetensors"
 ADDED_TOKENS_FILE = "llm_added_tokens.safetensors"
 ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "llm"
+DECODERS_DIR = "decoders"
 
 
 def projector_state(model: "AnyGPTModel") -> dict[str, torch.Tensor]:
@@ -55,51 +66,167 @@ def added_token_state(model: "AnyGPTModel") -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_pipeline(pipe: "AnyGPTPipeline", directory: Path) -> Path:
-    """Write ``pipe`` to ``directory`` (see the module docstring); returns the directory."""
-    from safetensors.torch import save_file
+# Saving -----------------------------------------------------------------------------------------
 
-    model, base_dir = pipe.model, pipe.base_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    data = model.config.to_dict()
-    data["checkpoint"] = None  # its weights are in the files written below
 
-    if model.config.encoder.pretrained is None:
-        model.encoder.save_weights(directory / ENCODER_FILE)
-        data["encoder"]["pretrained"] = ENCODER_FILE
-    elif model.config.encoder.pretrained != "imagebind_huge":
-        data["encoder"]["pretrained"] = _absolute(model.config.encoder.pretrained, base_dir)
+def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, decoders: Mapping[str, "Decoder"],
+                         base_dir: Path | None, save_llm: bool = False) -> Path:
+    """Write ``model`` as a model directory that ``AnyGPTPipeline.from_pretrained`` reloads exactly.
 
-    llm_cfg = data["llm"]
-    if model.config.llm.pretrained is None and model.config.llm.arch is not None:
-        model.lm.model.save_pretrained(directory / LLM_DIR)
-        model.lm.tokenizer.save_pretrained(directory / LLM_DIR)
-        llm_cfg.update(pretrained=LLM_DIR, arch=None, tokenizer=None, gguf_file=None, local_package=None)
-    else:
-        for key in ("pretrained", "tokenizer"):
-            if llm_cfg[key] is not None and llm_cfg[key] != "byte-level":
-                llm_cfg[key] = _absolute(llm_cfg[key], base_dir)
-        save_file(added_token_state(model), str(directory / ADDED_TOKENS_FILE))
+    The directory is written into a temporary sibling folder, then renamed into place, so it is
+    never seen half-written; an existing model directory at ``directory`` is replaced.
 
-    for name in model.config.output_modalities:
-        dec = data["modalities"][name]["decoder"]
-        if dec["pretrained"] is None:
-            sub = f"decoders/{name}"
-            pipe.decoder(name).save_pretrained(directory / sub)
-            dec.update(pretrained=sub, arch=None)
-        else:
-            dec["pretrained"] = _absolute(dec["pretrained"], base_dir)
+    Args:
+        model: the model to save.
+        directory: where to write it.
+        decoders: output modality → its loaded decoder; needed for the decoders built from
+            ``arch`` (their random weights are saved), the others are referenced.
+        base_dir: the folder the model's config came from (its relative paths resolve there);
+            None for presets.
+        save_llm: write the whole LLM under ``llm/`` even when the config references it (its
+            weights changed, e.g. LoRA was merged). It is also written when it was randomly
+            initialised or changed by a NExT-GPT checkpoint.
 
-    save_file(projector_state(model), str(directory / PROJECTORS_FILE))
-    AnyGPTConfig.from_dict(data).to_yaml(directory / CONFIG_FILENAME)
+    Returns:
+        ``directory``.
+
+    Raises:
+        ConfigError: ``directory`` exists and is neither empty nor a model directory, or a decoder
+            that must be saved is missing from ``decoders``.
+    """
+    directory = Path(directory)
+    _check_replaceable(directory)
+    staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        writer = _DirectoryWriter(model, staging, base_dir, destination=directory)
+        data = model.config.to_dict()
+        data["checkpoint"] = None  # its weights are in the files written below
+        writer.encoder(data["encoder"])
+        writer.llm(data["llm"], whole=save_llm or _llm_exists_nowhere_else(model))
+        for name in model.config.output_modalities:
+            writer.decoder(name, data["modalities"][name]["decoder"], decoders)
+        writer.save_tensors(PROJECTORS_FILE, projector_state(model))
+        AnyGPTConfig.from_dict(data).to_yaml(staging / CONFIG_FILENAME)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_into_place(staging, directory)
     logger.info("saved AnyGPT model to %s", directory)
     return directory
 
 
-def _absolute(value: str, base_dir: Path | None) -> str:
-    """A local path made absolute (so the new directory still finds it); hub ids unchanged."""
-    resolved = Path(resolve_path(value, base_dir))
-    return str(resolved.resolve()) if resolved.exists() else value
+def _llm_exists_nowhere_else(model: "AnyGPTModel") -> bool:
+    """True when the LLM's weights are not what its config references: randomly initialised,
+    or changed by a NExT-GPT checkpoint (resized embeddings, merged LoRA)."""
+    llm = model.config.llm
+    random = llm.pretrained is None and llm.arch is not None
+    checkpoint = model.config.checkpoint
+    return random or (checkpoint is not None and not checkpoint.endswith(".safetensors"))
+
+
+class _DirectoryWriter:
+    """Writes a model's parts into a staging folder and updates the config's dict to match."""
+
+    def __init__(self, model: "AnyGPTModel", staging: Path, base_dir: Path | None, destination: Path):
+        self.model, self.staging, self.base_dir = model, staging, base_dir
+        self.destination = destination.resolve()
+
+    def save_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file(state, str(self.staging / name))
+
+    def encoder(self, cfg: dict[str, Any]) -> None:
+        if cfg["pretrained"] is None:
+            self.model.encoder.save_weights(self.staging / ENCODER_FILE)
+            cfg["pretrained"] = ENCODER_FILE
+        elif cfg["pretrained"] != IMAGEBIND_HUGE:
+            cfg["pretrained"] = self.reference(cfg["pretrained"])
+
+    def llm(self, cfg: dict[str, Any], whole: bool) -> None:
+        if whole:
+            _write_llm_folder(self.model.lm, self.staging / LLM_DIR)
+            cfg.update(pretrained=LLM_DIR, arch=None, tokenizer=None, gguf_file=None, local_package=None)
+            return
+        for key in ("pretrained", "tokenizer"):
+            if cfg[key] is not None and cfg[key] != BYTE_LEVEL:
+                cfg[key] = self.reference(cfg[key])
+        self.save_tensors(ADDED_TOKENS_FILE, added_token_state(self.model))
+
+    def decoder(self, modality: str, cfg: dict[str, Any], decoders: Mapping[str, "Decoder"]) -> None:
+        if cfg["pretrained"] is not None:
+            cfg["pretrained"] = self.reference(cfg["pretrained"])
+            return
+        if modality not in decoders:
+            raise ConfigError(f"the {modality} decoder was built from `arch` (random weights), so it must be "
+                              f"saved: pass it in `decoders` (got {sorted(decoders)})")
+        folder = f"{DECODERS_DIR}/{modality}"
+        decoders[modality].save_pretrained(self.staging / folder)
+        cfg.update(pretrained=folder, arch=None)
+
+    def reference(self, value: str) -> str:
+        """How the new directory names a referenced component: a hub id unchanged, a local path
+        made absolute, and a path inside the directory being replaced copied into the new one
+        (replacing the directory would delete it) and kept relative."""
+        path = Path(resolve_path(value, self.base_dir))
+        if not path.exists():
+            return value
+        path = path.resolve()
+        if not path.is_relative_to(self.destination):
+            return str(path)
+        relative = path.relative_to(self.destination)
+        target = self.staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, target)
+        else:
+            shutil.copy2(path, target)
+        return relative.as_posix()
+
+
+def _write_llm_folder(lm: LanguageModel, folder: Path) -> Path:
+    """Write the LLM's weights, configs and tokenizer as a folder ``from_pretrained`` loads.
+
+    The weights are written with safetensors directly: ``save_pretrained`` refuses models that
+    were loaded from GGUF (the ``mini`` preset), although their tensors are plain after loading.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = lm.model
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # stored once, as the input embeddings
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for part in (model.config, getattr(model, "generation_config", None), lm.tokenizer):
+        if part is not None:
+            part.save_pretrained(folder)
+    return folder
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to replace a folder that holds anything but a model directory."""
+    if directory.exists() and not (directory.is_dir() and (
+            (directory / CONFIG_FILENAME).is_file() or not any(directory.iterdir()))):
+        raise ConfigError(f"{directory} exists and is not an AnyGPT model directory (no {CONFIG_FILENAME}); "
+                          "saving replaces the whole folder, so choose a new or empty one")
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    """Rename ``staging`` to ``directory``, replacing an existing one only once the new one is complete."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    staging.rename(directory)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# Loading ----------------------------------------------------------------------------------------
 
 
 def load_weights(model: "AnyGPTModel", directory: Path | None) -> None:

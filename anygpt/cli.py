@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
+from anygpt.dtypes import DTYPE_NAMES
 from anygpt.errors import AnyGPTError
+from anygpt.modalities import MODALITIES, get_modality
+from anygpt.options import Option
 
 logger = logging.getLogger("anygpt")
 
@@ -39,33 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="answer one prompt with text and media")
     gen.add_argument("prompt", help="the message; <image>/<audio>/<video> mark where media go")
-    gen.add_argument("--preset", "--model", dest="model", default="mini",
-                     help="preset name, model directory or config .yaml (default: mini)")
-    gen.add_argument("--image", action="append", default=[], metavar="FILE", help="input image (repeatable)")
-    gen.add_argument("--audio", action="append", default=[], metavar="FILE", help="input audio (repeatable)")
-    gen.add_argument("--video", action="append", default=[], metavar="FILE", help="input video (repeatable)")
+    _add_model_arguments(gen)
+    _add_media_arguments(gen)
     gen.add_argument("--outputs", type=_csv, default=[], metavar="M[,M]",
                      help="modalities the answer must contain, e.g. image,audio,video")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default: outputs)")
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--max-new-tokens", type=int, default=None)
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    gen.add_argument("--steps", type=int, default=None, help="diffusion steps")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--num-frames", type=int, default=None)
-    gen.add_argument("--audio-length", dest="audio_length_s", type=float, default=None, help="seconds")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                     help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
+    _add_option_arguments(gen, SAMPLING_OPTIONS, "generation")
+    _add_option_arguments(gen, DECODE_OPTIONS, "decoders (default: the preset's)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
     app = sub.add_parser("app", help="serve the Gradio chat app")
-    app.add_argument("--preset", "--model", dest="model", default="mini",
-                     help="preset name, model directory or config .yaml (default: mini)")
+    _add_model_arguments(app)
     app.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     app.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     app.add_argument("--share", action="store_true", help="also open a public Gradio share link")
@@ -73,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for generated media; the only folder served (default: outputs/app)")
     app.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
     app.add_argument("--concurrency", type=int, default=1, help="model calls at once (default: 1)")
-    app.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    app.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                     help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
 
     tr = sub.add_parser("train", help="run one alignment stage (works under `accelerate launch`)",
                         description="Train one stage of the alignment recipe. Shipped stage configs: "
@@ -99,6 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", "--model", dest="model", default="mini",
+                        help="preset name, model directory or config .yaml (default: mini)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                        help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
+
+
+def _add_media_arguments(parser: argparse.ArgumentParser) -> None:
+    """One repeatable ``--<modality> FILE`` flag per registered modality."""
+    for name in MODALITIES:
+        spec = get_modality(name)
+        parser.add_argument(f"--{name}", action="append", default=[], metavar="FILE",
+                            help=f"attach {spec.noun} ({', '.join(spec.input_suffixes)}; repeatable)")
+
+
+def _add_option_arguments(parser: argparse.ArgumentParser, options: Sequence[Option], title: str) -> None:
+    """One flag per declared option (see :mod:`anygpt.options`); unset flags leave the default."""
+    group = parser.add_argument_group(title)
+    for opt in options:
+        if opt.type is bool:
+            if opt.false_flag:
+                group.add_argument(opt.false_flag, dest=opt.name, action="store_const", const=False,
+                                   default=None, help=f"{opt.name} = false ({opt.help})")
+            else:
+                group.add_argument(opt.cli_flag, dest=opt.name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=opt.help)
+            continue
+        bounds = f" ({opt.describe_range()})" if opt.describe_range() else ""
+        group.add_argument(opt.cli_flag, dest=opt.name, type=opt.type, default=None,
+                           metavar=opt.type.__name__.upper(), help=opt.help + bounds)
+
+
 def _load_pipeline(args: argparse.Namespace, progress: bool = True):
     """The pipeline named by ``--preset/--model`` on ``--device`` (default: CUDA if available)
     in ``--dtype`` (default: float16 on CUDA, float32 on CPU)."""
@@ -119,20 +137,15 @@ def _load_pipeline(args: argparse.Namespace, progress: bool = True):
 
 @_command("generate")
 def _generate(args: argparse.Namespace) -> int:
+    from anygpt.conversation import Conversation
+    from anygpt.export import save_output
     from anygpt.types import MediaStarted, TextDelta
 
     pipe = _load_pipeline(args, progress=not args.quiet)
-
-    from anygpt.conversation import Conversation
-
-    conversation = Conversation()
-    conversation.add_user(args.prompt, {"image": args.image, "audio": args.audio, "video": args.video})
-    settings = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, do_sample=False if args.greedy else None, steps=args.steps,
-                    guidance=args.guidance, height=args.height, width=args.width,
-                    num_frames=args.num_frames, audio_length_s=args.audio_length_s)
+    media = {name: getattr(args, name) for name in MODALITIES if getattr(args, name)}
+    settings = {opt.name: getattr(args, opt.name) for opt in (*SAMPLING_OPTIONS, *DECODE_OPTIONS)}
     output = None
-    for event in pipe.stream(conversation, outputs=args.outputs, **settings):
+    for event in pipe.stream(Conversation(), args.prompt, outputs=args.outputs, media=media, **settings):
         if isinstance(event, TextDelta):
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -140,7 +153,7 @@ def _generate(args: argparse.Namespace) -> int:
             logger.info("decoding %s %d", event.modality, event.index)
         output = event
     sys.stdout.write("\n")
-    for path in output.save(args.out):
+    for path in save_output(output, args.out):
         print(f"wrote {path}")
     return 0
 
@@ -149,44 +162,30 @@ def _generate(args: argparse.Namespace) -> int:
 def _app(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args, progress=False)
 
-    # The app package (and gradio) is reached by name at run time, like decoders: anygpt
-    # itself stays free of later-stage imports (tests/test_imports.py).
-    import importlib
+    from anygpt.app.chat import build_app
+    from anygpt.app.server import launch
 
-    build_app = importlib.import_module("anygpt.app.chat").build_app
-    launch = importlib.import_module("anygpt.app.server").launch
     demo = build_app(pipe, output_dir=args.out, max_upload_mb=args.max_upload_mb,
                      concurrency=args.concurrency)
     launch(demo, host=args.host, port=args.port, share=args.share, block=True)
     return 0
 
 
-def _alignment(module: str):
-    """An ``alignment`` module, imported by name at run time: ``anygpt`` itself never imports
-    later-stage packages (tests/test_imports.py)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"anygpt.alignment.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("alignment", "accelerate", "peft"):
-            raise AnyGPTError(f"training needs the `alignment` package and its dependencies ({exc}); "
-                              f"install AnyGPT from its repository: pip install -e .") from exc
-        raise
-
-
 @_command("train")
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    config = _alignment("config").load_train_config(args.config, args.overrides)
+    from anygpt.alignment.config import load_train_config
+    from anygpt.alignment.recipe import train
+
+    config = load_train_config(args.config, args.overrides)
     # Training is long: its progress is logged on the main process even without -v. (The rank
     # comes from the launcher's environment: accelerate's state must not be created before the
     # recipe's Accelerator.)
     main_process = int(os.environ.get("RANK", "0")) == 0
     level = logging.INFO if main_process else logging.WARNING
-    logging.getLogger("alignment").setLevel(min(level, logging.getLogger().level))
-    result = _alignment("recipe").train(config, resume=args.resume)
+    logging.getLogger("anygpt.alignment").setLevel(min(level, logging.getLogger().level))
+    result = train(config, resume=args.resume)
     if main_process:
         print(f"trained {result.step} steps; model: {result.model_dir}")
     return 0
@@ -196,7 +195,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    metrics = _alignment("evaluate").evaluate(args.model, args.data, decode=args.decode, seed=args.seed,
+    from anygpt.alignment.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.data, decode=args.decode, seed=args.seed,
                                               max_examples=args.max_examples)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(text)

@@ -17,16 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from anygpt.dtypes import DTYPE_NAMES
 from anygpt.errors import ConfigError, UnknownNameError
+from anygpt.options import option, options_of, validate_options
 
 __all__ = [
     "EncoderConfig",
     "LLMConfig",
     "InputProjectorConfig",
     "OutputProjectorConfig",
+    "DecodeOptions",
     "DecoderConfig",
     "ModalityConfig",
     "GenerationConfig",
+    "SamplingSettings",
+    "SAMPLING_OPTIONS",
+    "DECODE_OPTIONS",
     "AnyGPTConfig",
     "PRESET_DIR",
     "CONFIG_FILENAME",
@@ -37,7 +43,6 @@ __all__ = [
 
 PRESET_DIR = Path(__file__).parent / "presets"
 CONFIG_FILENAME = "anygpt_config.yaml"
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def require(cond: bool, path: str, msg: str) -> None:
@@ -112,7 +117,7 @@ class LLMConfig:
                    "needs a `model_type` key (e.g. llama) naming the transformers architecture")
             require(self.tokenizer is not None, f"{path}.tokenizer",
                    "a randomly initialised LLM needs a tokenizer (a hub id, directory or byte-level)")
-        require(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(self.dtype in DTYPE_NAMES, f"{path}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         formats = ("auto", "chat_template", "nextgpt")
         require(self.prompt_format in formats, f"{path}.prompt_format",
                f"must be one of {', '.join(formats)}, got {self.prompt_format!r}")
@@ -162,45 +167,49 @@ class OutputProjectorConfig:
 
 
 @dataclass
-class DecoderConfig:
-    """A diffusion decoder behind the ``decoders`` protocol.
+class DecodeOptions:
+    """The decoder settings: defaults in a decoder's config, overridable per call.
+
+    This class is the one declaration of these settings: the pipeline's keyword arguments, the
+    command line's flags and the chat app's sliders are derived from its fields. None means the
+    decoder's own default (the model's native size).
+    """
+
+    steps: int = option(50, "diffusion denoising steps", minimum=1, ui=(0, 100, 1))
+    guidance: float = option(7.5, "classifier-free guidance scale (<= 1 disables it)", minimum=0,
+                             ui=(0, 20, 0.5))
+    height: Optional[int] = option(None, "image / video height in pixels", minimum=1, ui=(0, 1024, 64))
+    width: Optional[int] = option(None, "image / video width in pixels", minimum=1, ui=(0, 1024, 64))
+    num_frames: Optional[int] = option(None, "video length in frames", minimum=1, ui=(0, 64, 1))
+    fps: Optional[float] = option(None, "video frame rate", above=0, ui=(0, 30, 1))
+    audio_length_s: Optional[float] = option(None, "audio length in seconds", above=0, ui=(0, 30, 0.5),
+                                             flag="--audio-length")
+
+
+@dataclass
+class DecoderConfig(DecodeOptions):
+    """A diffusion decoder behind the ``decoders`` protocol, with its :class:`DecodeOptions` defaults.
 
     Attributes:
-        name: decoder registry name (``stable-diffusion``, ``audioldm``, ``text-to-video``).
+        name: decoder registry name (``stable-diffusion``, ``audioldm``, ``text-to-video``);
+            default: the modality's ``default_decoder`` (see :mod:`anygpt.modalities`).
         pretrained: hub id or local directory of a diffusers pipeline; None builds ``arch``.
         arch: sizes of tiny components built from configs with seeded random weights.
         dtype: weights dtype on GPU (decoders stay float32 on CPU).
-        steps, guidance: default denoising steps and classifier-free guidance scale.
-        height, width: image/video size in pixels (None: the decoder's default).
-        num_frames, fps: video length and frame rate.
-        audio_length_s: audio length in seconds.
         seed: seed for random initialisation of ``arch`` components.
     """
 
-    name: str = "stable-diffusion"
+    name: Optional[str] = None
     pretrained: Optional[str] = None
     arch: Optional[dict] = None
     dtype: str = "float16"
-    steps: int = 50
-    guidance: float = 7.5
-    height: Optional[int] = None
-    width: Optional[int] = None
-    num_frames: Optional[int] = None
-    fps: Optional[float] = None
-    audio_length_s: Optional[float] = None
     seed: int = 0
 
     def validate(self, path: str) -> None:
         require(self.pretrained is not None or self.arch is not None, path,
                "set `pretrained` (hub id or directory) or `arch` (tiny random components)")
-        require(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {', '.join(DTYPES)}")
-        require(self.steps >= 1, f"{path}.steps", f"must be >= 1, got {self.steps}")
-        require(self.guidance >= 0, f"{path}.guidance", "must be >= 0")
-        for name in ("height", "width", "num_frames"):
-            value = getattr(self, name)
-            require(value is None or value >= 1, f"{path}.{name}", "must be >= 1")
-        require(self.fps is None or self.fps > 0, f"{path}.fps", "must be > 0")
-        require(self.audio_length_s is None or self.audio_length_s > 0, f"{path}.audio_length_s", "must be > 0")
+        require(self.dtype in DTYPE_NAMES, f"{path}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
+        validate_options(self, path)
 
 
 @dataclass
@@ -243,24 +252,36 @@ class ModalityConfig:
 
 @dataclass
 class GenerationConfig:
-    """Default LLM generation settings (each can be overridden per call)."""
+    """LLM generation settings: a preset's defaults, each overridable per call.
 
-    max_new_tokens: int = 256
-    do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    Like :class:`DecodeOptions`, the one declaration the pipeline, CLI and app derive from.
+    """
+
+    max_new_tokens: int = option(256, "most tokens the LLM writes", minimum=1, ui=(1, 1024, 1))
+    do_sample: bool = option(True, "sample (false: greedy decoding)", false_flag="--greedy")
+    temperature: float = option(0.7, "sampling temperature", above=0, ui=(0.05, 2.0, 0.05))
+    top_p: float = option(0.9, "nucleus sampling mass", above=0, maximum=1, ui=(0.05, 1.0, 0.05))
+    top_k: int = option(0, "sample among the k most likely tokens (0: all)", minimum=0)
+    repetition_penalty: float = option(1.0, "penalty for repeating tokens (1: none)", above=0)
     stop_strings: list = field(default_factory=list)
 
     def validate(self, path: str = "generation") -> None:
-        require(self.max_new_tokens >= 1, f"{path}.max_new_tokens", "must be >= 1")
-        require(self.temperature > 0, f"{path}.temperature", "must be > 0 (use do_sample: false for greedy)")
-        require(0 < self.top_p <= 1, f"{path}.top_p", "must be in (0, 1]")
-        require(self.top_k >= 0, f"{path}.top_k", "must be >= 0")
-        require(self.repetition_penalty > 0, f"{path}.repetition_penalty", "must be > 0")
+        validate_options(self, path)
         require(all(isinstance(s, str) and s for s in self.stop_strings), f"{path}.stop_strings",
                "must be a list of non-empty strings")
+
+
+@dataclass
+class SamplingSettings(GenerationConfig):
+    """Per-call LLM settings: the config's generation defaults plus the seed."""
+
+    seed: Optional[int] = option(None, "random seed of sampling and decoding (unset: fresh each call)")
+
+
+#: The per-call LLM settings (and the seed), declared once on :class:`SamplingSettings`.
+SAMPLING_OPTIONS = options_of(SamplingSettings)
+#: The per-call decoder settings, declared once on :class:`DecodeOptions`.
+DECODE_OPTIONS = options_of(DecodeOptions)
 
 
 @dataclass
@@ -292,6 +313,7 @@ class AnyGPTConfig:
         require(bool(self.modalities), "modalities", "at least one modality is required")
         _check_modality_names(self.modalities)
         for name, modality in self.modalities.items():
+            _default_decoder_name(name, modality)
             modality.validate(f"modalities.{name}")
 
     # Views ---------------------------------------------------------------------------------
@@ -355,6 +377,17 @@ def _check_modality_names(modalities: dict) -> None:
         if name not in MODALITIES:
             raise UnknownNameError("modality", name, MODALITIES.names(),
                                    hint="Fix the key under `modalities:` in the config")
+
+
+def _default_decoder_name(modality: str, config: ModalityConfig) -> None:
+    """Fill an omitted ``decoder.name`` with the modality's default decoder."""
+    from anygpt.modalities import get_modality
+
+    if config.decoder is not None and config.decoder.name is None:
+        default = get_modality(modality).default_decoder
+        require(default is not None, f"modalities.{modality}.decoder.name",
+               f"the {modality} modality has no default decoder; name one")
+        config.decoder.name = default
 
 
 def list_presets() -> list[str]:

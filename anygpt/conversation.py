@@ -1,27 +1,38 @@
-"""Multi-turn conversation state: the turns, and each media item's encoding, computed once."""
+"""Multi-turn conversation state: the turns, and each media item's encoding, computed once.
+
+A :class:`Conversation` owns its state. Callers add turns and record encodings through its
+methods, and undo a failed turn with :meth:`Conversation.mark` / :meth:`Conversation.rollback`
+(or the :meth:`Conversation.atomic` block), never by editing its fields.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from anygpt.errors import MediaError
-from anygpt.llm import MediaRef, Turn
 from anygpt.modalities import get_modality
+from anygpt.turns import MediaRef, Turn
 
-__all__ = ["Conversation", "MediaInputs"]
+if TYPE_CHECKING:
+    import torch
 
+__all__ = ["Conversation", "ConversationMark", "MediaInputs", "PendingMedia"]
+
+#: Media of one message by modality: ``{"image": [path_or_value, ...], ...}``.
 MediaInputs = Mapping[str, Iterable[Any]]
 
 
 def _content_key(modality: str, item: Any) -> str:
     """A key that is equal for equal media: the hash of the file's bytes or of the decoded values."""
     digest = hashlib.sha1(modality.encode())
-    if isinstance(item, (str, Path)):
+    if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():
             raise MediaError(f"{path}: no such file; check the path")
@@ -36,18 +47,45 @@ def _content_key(modality: str, item: Any) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
+class PendingMedia:
+    """A loaded media item that has not been encoded yet."""
+
+    key: str
+    modality: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class ConversationMark:
+    """A point to roll a conversation back to (see :meth:`Conversation.mark`)."""
+
+    turns: tuple[Turn, ...]
+    pending: frozenset[str]
+
+
 class Conversation:
     """The turns of a chat and the encoder embeddings of every media item in it.
 
     Media are loaded and validated when a turn is added (a bad file fails there and then, and
     the conversation is left unchanged); they are encoded on first use and never again: later
-    turns reuse the cached embedding.
+    turns reuse the recorded embedding.
     """
 
-    turns: list[Turn] = field(default_factory=list)
-    encodings: dict[str, Any] = field(default_factory=dict)
-    pending: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._turns: list[Turn] = []
+        self._encodings: dict[str, "torch.Tensor"] = {}
+        self._pending: dict[str, PendingMedia] = {}
+
+    def __repr__(self) -> str:
+        return (f"Conversation({len(self._turns)} turns, {len(self._encodings)} encoded, "
+                f"{len(self._pending)} pending media)")
+
+    # Turns -------------------------------------------------------------------------------------
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        """The turns, oldest first (a read-only view)."""
+        return tuple(self._turns)
 
     def add_user(self, text: str, media: MediaInputs | None = None) -> Turn:
         """Append a user turn with media by modality (``{"image": [path, ...]}``).
@@ -61,36 +99,90 @@ class Conversation:
             spec = get_modality(modality)
             for item in items:
                 key = _content_key(modality, item)
-                if key not in self.encodings and key not in self.pending and key not in loaded:
-                    loaded[key] = (modality, spec.load(item))
-                refs.append(MediaRef(modality, key))
-        self.pending.update(loaded)
+                if key not in self._encodings and key not in self._pending and key not in loaded:
+                    loaded[key] = PendingMedia(key, modality, spec.load(item))
+                source = str(item) if isinstance(item, (str, os.PathLike)) else None
+                refs.append(MediaRef(modality, key, source))
+        self._pending.update(loaded)
         turn = Turn("user", text, refs)
-        self.turns.append(turn)
+        self._turns.append(turn)
         return turn
 
     def add_assistant(self, text: str) -> Turn:
         """Append an assistant turn (its raw text, signal tokens included)."""
         turn = Turn("assistant", text)
-        self.turns.append(turn)
+        self._turns.append(turn)
         return turn
 
     def set_system(self, text: str) -> Turn:
         """Set (or replace) the system message at the start of the conversation."""
         turn = Turn("system", text)
-        if self.turns and self.turns[0].role == "system":
-            self.turns[0] = turn
+        if self._turns and self._turns[0].role == "system":
+            self._turns[0] = turn
         else:
-            self.turns.insert(0, turn)
+            self._turns.insert(0, turn)
         return turn
 
     def undo(self) -> None:
         """Drop the last user turn and everything after it."""
-        for i in range(len(self.turns) - 1, -1, -1):
-            if self.turns[i].role == "user":
-                del self.turns[i:]
-                return
+        for i in range(len(self._turns) - 1, -1, -1):
+            if self._turns[i].role == "user":
+                del self._turns[i:]
+                break
+        self._forget_unused_pending()
+
+    # Rolling back ------------------------------------------------------------------------------
+    def mark(self) -> ConversationMark:
+        """The current state, to :meth:`rollback` to if a turn fails."""
+        return ConversationMark(tuple(self._turns), frozenset(self._pending))
+
+    def rollback(self, mark: ConversationMark) -> None:
+        """Return to ``mark``: later turns are dropped, and media they brought that were never
+        encoded are forgotten (encodings already computed stay cached)."""
+        self._turns[:] = mark.turns
+        for key in set(self._pending) - mark.pending:
+            del self._pending[key]
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator["Conversation"]:
+        """A block whose changes to the conversation are rolled back if it raises."""
+        mark = self.mark()
+        try:
+            yield self
+        except BaseException:
+            self.rollback(mark)
+            raise
+
+    # Encodings ---------------------------------------------------------------------------------
+    def pending(self) -> list[PendingMedia]:
+        """Media added but not encoded yet, in the order they were added."""
+        return list(self._pending.values())
+
+    def record_encoding(self, key: str, embedding: "torch.Tensor") -> None:
+        """Store the encoder embedding of the pending item ``key``."""
+        if key not in self._pending and key not in self._encodings:
+            raise KeyError(f"no media item with key {key!r} in this conversation")
+        self._encodings[key] = embedding
+        self._pending.pop(key, None)
+
+    def encoding(self, key: str) -> "torch.Tensor":
+        """The recorded embedding of ``key``.
+
+        Raises:
+            KeyError: the item was never encoded (encode :meth:`pending` items first).
+        """
+        try:
+            return self._encodings[key]
+        except KeyError:
+            raise KeyError(f"media item {key!r} has not been encoded; encode the conversation's "
+                           f"pending media first") from None
 
     @property
     def num_encoded(self) -> int:
-        return len(self.encodings)
+        """How many media items have an embedding."""
+        return len(self._encodings)
+
+    def _forget_unused_pending(self) -> None:
+        used = {ref.key for turn in self._turns for ref in turn.media}
+        for key in set(self._pending) - used:
+            del self._pending[key]

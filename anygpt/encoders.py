@@ -365,6 +365,31 @@ class ImageBindEncoder(nn.Module):
         """The ImageBind modalities :meth:`encode` accepts."""
         return tuple(_CLIP_RANK)
 
+    def preprocess_options(self, encoder_input: str) -> dict[str, Any]:
+        """The input geometry that ``encoder_input``'s trunk was built for, as keyword arguments
+        of the modality preprocessors (``ModalitySpec.preprocess(value, **options)``).
+
+        * ``vision``: ``image_size`` (224: ImageBind's vision stem is fixed to it) and
+          ``frames_per_clip`` (``arch["video_frames"]``), which only videos use: images and
+          videos share this input, and the image preprocessor ignores it;
+        * ``audio``: ``mel_bins`` (``arch["audio_num_mel_bins"]``) and ``target_frames``
+          (``arch["audio_target_len"]``);
+        * ``text``: none.
+
+        Raises:
+            UnknownNameError: ``encoder_input`` is not one of :attr:`encoder_inputs`.
+        """
+        if encoder_input not in _CLIP_RANK:
+            raise UnknownNameError("encoder input", encoder_input, list(_CLIP_RANK),
+                                   hint="Use the modality spec's `encoder_input`")
+        arch = self.arch
+        if encoder_input == "vision":
+            return {"image_size": _IMAGE_SIZE, "frames_per_clip": int(arch["video_frames"])}
+        if encoder_input == "audio":
+            return {"mel_bins": int(arch["audio_num_mel_bins"]),
+                    "target_frames": int(arch["audio_target_len"])}
+        return {}
+
     # Frozen ------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ImageBindEncoder:
         """Stay in eval mode whatever ``mode`` says: the encoder is frozen."""

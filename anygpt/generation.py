@@ -15,18 +15,10 @@ from typing import Generator, Optional, Sequence
 
 import torch
 
-from anygpt.config import GenerationConfig
+from anygpt.config import SamplingSettings
 from anygpt.llm import LanguageModel
 
 __all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream"]
-
-
-@dataclass
-class SamplingSettings(GenerationConfig):
-    """Per-call LLM settings: the config's generation defaults plus the sampling seed
-    (None: a fresh random seed)."""
-
-    seed: Optional[int] = None
 
 
 @dataclass

@@ -20,31 +20,20 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from anygpt.config import LLMConfig
+from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, ContextLengthError, WeightsNotFoundError
+from anygpt.paths import cache_dir, resolve_path
+from anygpt.turns import MediaRef, Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LanguageModel", "PromptInputs", "Turn", "MediaRef", "cache_dir", "build_byte_level_tokenizer"]
+__all__ = ["LanguageModel", "PromptInputs", "build_byte_level_tokenizer"]
 
 BYTE_LEVEL = "byte-level"
 NEXTGPT_STOP = "###"
-
-
-def cache_dir() -> Path:
-    """Where AnyGPT caches converted or downloaded weights (``$ANYGPT_CACHE`` or ``~/.cache/anygpt``)."""
-    return Path(os.environ.get("ANYGPT_CACHE", Path.home() / ".cache" / "anygpt")).expanduser()
-
-
-def resolve_path(value: str, base_dir: Path | None) -> str:
-    """A config path relative to ``base_dir`` if it exists there; otherwise ``value`` unchanged
-    (a hub id, or an absolute path). ``~`` expands to the home directory."""
-    value = os.path.expanduser(value)
-    if base_dir is not None and not os.path.isabs(value) and (base_dir / value).exists():
-        return str(base_dir / value)
-    return value
 
 
 def build_byte_level_tokenizer() -> "PreTrainedTokenizerBase":
@@ -64,24 +53,6 @@ def build_byte_level_tokenizer() -> "PreTrainedTokenizerBase":
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None
     )
-
-
-@dataclass
-class MediaRef:
-    """A media item inside a turn: its modality and the key of its cached encoding."""
-
-    modality: str
-    key: str
-
-
-@dataclass
-class Turn:
-    """One chat turn. ``text`` may hold ``<image>``/``<audio>``/``<video>`` markers that fix where
-    the turn's media go; media without a marker are placed before the text."""
-
-    role: str
-    text: str
-    media: list[MediaRef] = field(default_factory=list)
 
 
 @dataclass
@@ -138,7 +109,10 @@ class LanguageModel:
         tokenizer = _load_tokenizer(config, base_dir)
         model = _load_model(config, tokenizer, base_dir)
         extra = [config.media_begin, config.media_end] + [t for run in signal_tokens.values() for t in run]
-        _add_tokens(model, tokenizer, extra, seed=config.seed)
+        # Resizing the embeddings initialises the new rows from the global RNG (before they are
+        # set from `seed`): fork it, so that loading leaves the caller's random state as it was.
+        with torch.random.fork_rng(devices=[]):
+            _add_tokens(model, tokenizer, extra, seed=config.seed)
         return cls(model, tokenizer, config, signal_tokens)
 
     # Properties ------------------------------------------------------------------------------
@@ -347,10 +321,6 @@ def _place_media(turn: Turn, start: int) -> tuple[str, list[MediaRef]]:
 
 
 # Loading helpers ------------------------------------------------------------------------------
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def _resolve_source(config: LLMConfig, base_dir: Path | None) -> tuple[str, dict]:
     """Where the pretrained LLM comes from: ``(path_or_hub_id, from_pretrained kwargs)``.
 
@@ -390,6 +360,7 @@ def _load_tokenizer(config: LLMConfig, base_dir: Path | None) -> "PreTrainedToke
 def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_dir: Path | None) -> "PreTrainedModel":
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = torch_dtype(config.dtype, "llm.dtype")
     if config.pretrained is None and config.arch is not None:
         arch = dict(config.arch)
         model_type = arch.pop("model_type")
@@ -402,12 +373,14 @@ def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_di
             hf_config = AutoConfig.for_model(model_type, **arch)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"llm.arch: {exc}") from None
-        torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=_dtype(config.dtype))
+        # Seed the CPU generator for the random weights without touching the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(config.seed)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
         source, kwargs = _resolve_source(config, base_dir)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(config.dtype), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         except OSError as exc:
             raise WeightsNotFoundError(
                 f"could not load the LLM {source!r} ({exc}); download it (unset HF_HUB_OFFLINE), "

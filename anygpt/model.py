@@ -11,14 +11,15 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from anygpt.config import AnyGPTConfig
-from anygpt.llm import LanguageModel, PromptInputs, resolve_path
+from anygpt.config import AnyGPTConfig, DecoderConfig
+from anygpt.llm import LanguageModel, PromptInputs
 from anygpt.modalities import get_modality
+from anygpt.paths import resolve_path
 from anygpt.projectors import OutputProjector, build_input_projector
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class ModelOutput:
     logits: torch.Tensor
 
 
-def decoder_config(config: AnyGPTConfig, modality: str, base_dir: Path | None = None):
-    """The modality's decoder config with a relative ``pretrained`` path resolved against ``base_dir``."""
+def decoder_config(config: AnyGPTConfig, modality: str, base_dir: Path | None = None) -> DecoderConfig:
+    """The modality's decoder config with a relative ``pretrained`` path resolved against
+    ``base_dir`` (see :func:`anygpt.paths.resolve_path`)."""
     dec = config.modalities[modality].decoder
     if dec.pretrained is not None:
         dec = dataclasses.replace(dec, pretrained=resolve_path(dec.pretrained, base_dir))
@@ -73,16 +75,19 @@ class AnyGPTModel(nn.Module):
             for name, m in config.modalities.items() if m.has_output
         }
         lm = LanguageModel.from_config(config.llm, signal_tokens, base_dir=base_dir)
-        torch.manual_seed(config.seed)
-        inputs = nn.ModuleDict({
-            name: build_input_projector(m.input_projector, encoder.output_dim, lm.hidden_size)
-            for name, m in config.modalities.items() if m.has_input
-        })
-        outputs = nn.ModuleDict()
-        for name in config.output_modalities:
-            queries, width = decoders.condition_shape(decoder_config(config, name, base_dir))
-            outputs[name] = OutputProjector(lm.hidden_size, queries, width,
-                                            config.modalities[name].output_projector)
+        # The projectors' random initialisation is seeded on a forked CPU generator, so building
+        # a model leaves the caller's random state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(config.seed)
+            inputs = nn.ModuleDict({
+                name: build_input_projector(m.input_projector, encoder.output_dim, lm.hidden_size)
+                for name, m in config.modalities.items() if m.has_input
+            })
+            outputs = nn.ModuleDict()
+            for name in config.output_modalities:
+                queries, width = decoders.condition_shape(decoder_config(config, name, base_dir))
+                outputs[name] = OutputProjector(lm.hidden_size, queries, width,
+                                                config.modalities[name].output_projector)
         model = cls(config, encoder, lm, inputs, outputs).eval()
         return model
 
@@ -100,6 +105,25 @@ class AnyGPTModel(nn.Module):
         spec = get_modality(modality)
         param = next(self.encoder.parameters())
         return self.encoder.encode(spec.encoder_input, batch.to(param.device, param.dtype))
+
+    @torch.no_grad()
+    def encode_items(self, modality: str, values: Sequence[Any]) -> torch.Tensor:
+        """Encoder embeddings of media items: preprocessed at the encoder's own geometry
+        (``encoder.preprocess_options``), stacked and encoded in one batch.
+
+        Args:
+            modality: a registered modality name.
+            values: paths or loaded values (``ModalitySpec.load``), at least one.
+
+        Returns:
+            (N, encoder_dim)
+        """
+        if not values:
+            raise ValueError(f"encode_items needs at least one {modality} item, got none")
+        spec = get_modality(modality)
+        geometry = self.encoder.preprocess_options(spec.encoder_input)
+        batch = torch.stack([spec.preprocess(value, **geometry) for value in values])
+        return self.encode_media(modality, batch)
 
     def project_media(self, modality: str, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, encoder_dim) → (B, num_tokens, llm_dim) in the LLM's dtype."""

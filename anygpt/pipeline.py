@@ -5,24 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from anygpt.config import CONFIG_FILENAME, AnyGPTConfig
-from anygpt.conversation import Conversation
+from anygpt.config import (CONFIG_FILENAME, DECODE_OPTIONS, PRESET_DIR, SAMPLING_OPTIONS, AnyGPTConfig,
+                           SamplingSettings)
+from anygpt.conversation import Conversation, MediaInputs
 from anygpt.errors import ConfigError, UnknownNameError
-from anygpt.generation import LLMResult, SamplingSettings, SignalRun, generate_stream
+from anygpt.generation import LLMResult, SignalRun, generate_stream
+from anygpt.modalities import MODALITIES, get_modality
 from anygpt.model import AnyGPTModel, decoder_config
+from anygpt.options import check_value
 from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AnyGPTPipeline"]
 
-_DECODE_OPTIONS = ("steps", "guidance", "height", "width", "num_frames", "fps", "audio_length_s")
 
 
 class AnyGPTPipeline:
@@ -69,9 +72,10 @@ class AnyGPTPipeline:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write a self-contained model directory that :meth:`from_pretrained` reloads exactly."""
-        from anygpt.checkpoint import save_pipeline
+        from anygpt.checkpoint import save_model_directory
 
-        return save_pipeline(self, Path(directory))
+        decoders = {m: self.decoder(m) for m in self.config.output_modalities}
+        return save_model_directory(self.model, Path(directory), decoders=decoders, base_dir=self.base_dir)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AnyGPTPipeline":
         """Move the model (and loaded decoders) to ``device``; ``dtype`` applies to the LLM,
@@ -106,53 +110,63 @@ class AnyGPTPipeline:
             self.decoder(modality)
 
     # Generation -----------------------------------------------------------------------------
-    def __call__(self, prompt: str | Sequence[dict], images: Iterable[Any] = (), audios: Iterable[Any] = (),
-                 videos: Iterable[Any] = (), outputs: Sequence[str] = (), **settings: Any) -> GenerationOutput:
+    def __call__(self, prompt: str | Sequence[dict], *, outputs: Sequence[str] = (),
+                 media: MediaInputs | None = None, **kwargs: Any) -> GenerationOutput:
         """Answer one message (or a list of chat messages).
 
         Args:
             prompt: the user's text, or messages ``[{"role": ..., "content": ..., "images": [...]}]``.
                 ``<image>``/``<audio>``/``<video>`` in the text place the media; otherwise media
                 go before the text.
-            images, audios, videos: file paths or loaded values (PIL images, ``Audio``, ``Video``).
             outputs: modalities the answer must contain (their signal run is completed or appended).
-            **settings: ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``do_sample``,
-                ``repetition_penalty``, ``stop_strings``, ``seed``; decoder options ``steps``,
-                ``guidance``, ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``.
+            media: media by modality name (``{"image": [path, ...]}``), attached to the (last)
+                user message; file paths or loaded values (PIL images, ``Audio``, ``Video``).
+            **kwargs: media by each modality's plural name (``images=``, ``audios=``,
+                ``videos=``), and settings: the LLM's (:data:`~anygpt.config.SAMPLING_OPTIONS`: ``max_new_tokens``,
+                ``temperature``, ``top_p``, ``top_k``, ``do_sample``, ``repetition_penalty``,
+                ``stop_strings``, ``seed``) and the decoders' (:data:`~anygpt.config.DECODE_OPTIONS`: ``steps``,
+                ``guidance``, ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``).
         """
+        media, settings = _split_media(media, kwargs)
         conversation = Conversation()
         if isinstance(prompt, str):
-            conversation.add_user(prompt, {"image": images, "audio": audios, "video": videos})
+            conversation.add_user(prompt, media)
         else:
-            _add_messages(conversation, prompt, images, audios, videos)
+            _add_messages(conversation, prompt, media)
         return self._run(conversation, outputs, settings)
 
-    def chat(self, conversation: Conversation, message: str | None = None, images: Iterable[Any] = (),
-             audios: Iterable[Any] = (), videos: Iterable[Any] = (), outputs: Sequence[str] = (),
-             **settings: Any) -> GenerationOutput:
+    def chat(self, conversation: Conversation, message: str | None = None, *, outputs: Sequence[str] = (),
+             media: MediaInputs | None = None, **kwargs: Any) -> GenerationOutput:
         """Add ``message`` (if given) to ``conversation``, answer it, and record the answer.
 
-        Media of earlier turns are not encoded again.
+        Media of earlier turns are not encoded again. If answering fails, the conversation is
+        left as it was before the call. Arguments as for :meth:`__call__`.
         """
-        if message is not None:
-            conversation.add_user(message, {"image": images, "audio": audios, "video": videos})
-        output = self._run(conversation, outputs, settings)
-        conversation.add_assistant(output.raw_text)
+        media, settings = _split_media(media, kwargs)
+        with conversation.atomic():
+            _add_message(conversation, message, media)
+            output = self._run(conversation, outputs, settings)
+            conversation.add_assistant(output.raw_text)
         return output
 
-    def stream(self, conversation: Conversation, outputs: Sequence[str] = (),
-               **settings: Any) -> Iterator[TextDelta | MediaStarted | MediaSegment | GenerationOutput]:
-        """Answer the conversation's last user turn step by step.
+    def stream(self, conversation: Conversation, message: str | None = None, *, outputs: Sequence[str] = (),
+               media: MediaInputs | None = None,
+               **kwargs: Any) -> Iterator[TextDelta | MediaStarted | MediaSegment | GenerationOutput]:
+        """Answer ``message`` (if given, else the conversation's last user turn) step by step.
 
         Yields :class:`TextDelta` as text is generated, :class:`MediaStarted` and then a
         :class:`MediaSegment` for each media item, and finally the :class:`GenerationOutput`
-        (which is also recorded in the conversation).
+        (which is also recorded in the conversation). If answering fails or the caller stops
+        iterating early, the conversation is left as it was before the call.
         """
-        output = None
-        for event in self._stream(conversation, outputs, settings):
-            output = event
-            yield event
-        conversation.add_assistant(output.raw_text)
+        media, settings = _split_media(media, kwargs)
+        with conversation.atomic():
+            _add_message(conversation, message, media)
+            output = None
+            for event in self._stream(conversation, outputs, settings):
+                output = event
+                yield event
+            conversation.add_assistant(output.raw_text)
 
     def _run(self, conversation: Conversation, outputs: Sequence[str], settings: dict) -> GenerationOutput:
         event = None
@@ -171,7 +185,7 @@ class AnyGPTPipeline:
 
         prompt = self.model.lm.tokenize_prompt(conversation.turns, self.model.num_media_tokens(),
                                                reserve=sampling.max_new_tokens)
-        embeds = self.model.embed_prompt(prompt, [conversation.encodings[r.key] for r in prompt.media])
+        embeds = self.model.embed_prompt(prompt, [conversation.encoding(r.key) for r in prompt.media])
         result: LLMResult = yield from _wrap_text(
             generate_stream(self.model.lm, embeds, prompt.input_ids, sampling, required=tuple(outputs)))
         timings["prefill"], timings["decode"] = result.prefill_s, result.decode_s
@@ -195,34 +209,31 @@ class AnyGPTPipeline:
         for modality in outputs:
             if modality not in self.config.output_modalities:
                 raise UnknownNameError("output modality", modality, self.config.output_modalities)
-        names = {f.name for f in fields(SamplingSettings)}
-        unknown = set(settings) - names - set(_DECODE_OPTIONS)
+        sampling_names = {f.name for f in fields(SamplingSettings)}
+        decode_options = {opt.name: opt for opt in DECODE_OPTIONS}
+        unknown = set(settings) - sampling_names - set(decode_options)
         if unknown:
-            raise ConfigError(f"unknown generation setting(s) {', '.join(sorted(unknown))}; valid: "
-                              f"{', '.join(sorted(names | set(_DECODE_OPTIONS)))}")
+            valid = sorted(sampling_names | set(decode_options) | {get_modality(m).plural for m in MODALITIES})
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
         values = asdict(self.config.generation)
-        values.update({n: v for n, v in settings.items() if n in names and v is not None})
+        values.update({n: v for n, v in settings.items() if n in sampling_names and v is not None})
         sampling = SamplingSettings(**values)
-        sampling.validate()
-        decode_opts = {k: settings[k] for k in _DECODE_OPTIONS if settings.get(k) is not None}
+        sampling.validate("settings")
+        decode_opts = {name: check_value(decode_options[name], value, name)
+                       for name, value in settings.items() if name in decode_options and value is not None}
         return sampling, decode_opts
 
     def _encode_pending(self, conversation: Conversation) -> None:
         """Encode the conversation's new media, one batch per modality."""
-        by_modality: dict[str, list[tuple[str, Any]]] = {}
-        for key, (modality, value) in conversation.pending.items():
-            by_modality.setdefault(modality, []).append((key, value))
+        by_modality: dict[str, list] = defaultdict(list)
+        for item in conversation.pending():
+            by_modality[item.modality].append(item)
         for modality, items in by_modality.items():
             if modality not in self.model.input_projectors:
                 raise UnknownNameError("input modality", modality, list(self.model.input_projectors))
-            from anygpt.modalities import get_modality
-
-            spec = get_modality(modality)
-            batch = torch.stack([spec.preprocess(value) for _, value in items])
-            embeddings = self.model.encode_media(modality, batch)  # (N, encoder_dim)
-            for (key, _), emb in zip(items, embeddings):
-                conversation.encodings[key] = emb
-        conversation.pending.clear()
+            embeddings = self.model.encode_items(modality, [item.value for item in items])  # (N, D)
+            for item, embedding in zip(items, embeddings):
+                conversation.record_encoding(item.key, embedding)
 
     def _decode_run(self, run: SignalRun, seed: int | None, options: dict, timings: dict) -> MediaSegment:
         t0 = time.perf_counter()
@@ -248,20 +259,47 @@ def _wrap_text(gen):
         return stop.value
 
 
-def _add_messages(conversation: Conversation, messages: Sequence[dict], images, audios, videos) -> None:
-    """Fill a conversation from chat messages; loose media attach to the last user message."""
+def _split_media(media: MediaInputs | None, kwargs: dict[str, Any]) -> tuple[dict[str, list], dict[str, Any]]:
+    """Media by modality name (from ``media`` and the plural keywords) and the remaining settings."""
+    merged = {modality: list(items) for modality, items in (media or {}).items()}
+    settings = dict(kwargs)
+    for name in MODALITIES:
+        plural = get_modality(name).plural
+        if plural in settings:
+            merged.setdefault(name, []).extend(settings.pop(plural) or ())
+    return {m: items for m, items in merged.items() if items}, settings
+
+
+def _add_message(conversation: Conversation, message: str | None, media: Mapping[str, list]) -> None:
+    if message is not None:
+        conversation.add_user(message, media)
+    elif media:
+        raise ConfigError("media were given without a message; pass the message text too")
+
+
+def _add_messages(conversation: Conversation, messages: Sequence[dict], media: Mapping[str, list]) -> None:
+    """Fill a conversation from chat messages; loose media attach to the last user message.
+
+    A message's own media are under each modality's plural name (``"images": [...]``).
+    """
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
         raise ConfigError("messages: at least one message with role 'user' is required")
+    plurals = {get_modality(m).plural: m for m in MODALITIES}
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content", "")
-        extra = {"image": list(message.get("images", ())), "audio": list(message.get("audios", ())),
-                 "video": list(message.get("videos", ()))}
+        unknown = sorted(set(message) - {"role", "content"} - set(plurals))
+        if unknown:
+            raise ConfigError(f"messages[{i}]: unknown key(s) {', '.join(unknown)}; valid: role, content, "
+                              f"{', '.join(plurals)}")
+        own = {plurals[key]: list(items) for key, items in message.items() if key in plurals}
         if i == last_user:
-            extra = {"image": extra["image"] + list(images), "audio": extra["audio"] + list(audios),
-                     "video": extra["video"] + list(videos)}
+            for modality, items in media.items():
+                own.setdefault(modality, []).extend(items)
         if role == "user":
-            conversation.add_user(content, extra)
+            conversation.add_user(content, own)
+        elif own:
+            raise ConfigError(f"messages[{i}]: only user messages carry media")
         elif role == "assistant":
             conversation.add_assistant(content)
         elif role == "system":
@@ -271,7 +309,7 @@ def _add_messages(conversation: Conversation, messages: Sequence[dict], images, 
 
 
 def resolve_config(name_or_path: str | os.PathLike) -> tuple[AnyGPTConfig, Path | None]:
-    """A config and the directory its relative paths resolve against (None for presets)."""
+    """A config and the directory its relative paths resolve against."""
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / CONFIG_FILENAME).is_file():
@@ -280,4 +318,5 @@ def resolve_config(name_or_path: str | os.PathLike) -> tuple[AnyGPTConfig, Path 
         return AnyGPTConfig.from_file(path / CONFIG_FILENAME), path.resolve()
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return AnyGPTConfig.from_file(path), path.resolve().parent
-    return AnyGPTConfig.from_name(str(name_or_path)), None
+    # A preset's relative paths, like any config file's, resolve against its own folder.
+    return AnyGPTConfig.from_name(str(name_or_path)), PRESET_DIR

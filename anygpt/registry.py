@@ -34,6 +34,13 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return what it held (for plugins' and tests' clean-up)."""
+        try:
+            return self._items.pop(name)
+        except KeyError:
+            raise UnknownNameError(self.kind, name, list(self._items)) from None
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -9,10 +9,7 @@ Media leave the system as:
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
@@ -22,9 +19,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Audio", "Video", "TextSegment", "MediaSegment", "Segment", "GenerationOutput",
            "TextDelta", "MediaStarted"]
-
-MODALITY_EXTENSIONS = {"image": ".png", "audio": ".wav", "video": ".mp4"}
-
 
 @dataclass
 class Audio:
@@ -112,6 +106,8 @@ class MediaStarted:
 class GenerationOutput:
     """One answer: text and media segments in the order the LLM wrote them.
 
+    Write it to a folder with :func:`anygpt.export.save_output` (data types do no file I/O).
+
     Attributes:
         segments: the answer, in order.
         raw_text: the LLM's decoded output including signal tokens.
@@ -148,33 +144,3 @@ class GenerationOutput:
     @property
     def videos(self) -> list[Video]:
         return self.media("video")
-
-    def save(self, directory: str | os.PathLike) -> list[Path]:
-        """Write media as PNG / WAV / MP4 plus ``answer.json`` describing the answer in order.
-
-        Returns:
-            The paths written, media first and ``answer.json`` last.
-        """
-        from anygpt import media as media_io
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        entries: list[dict[str, Any]] = []
-        counts: dict[str, int] = {}
-        for seg in self.segments:
-            if isinstance(seg, TextSegment):
-                entries.append({"type": "text", "text": seg.text})
-                continue
-            index = counts.get(seg.modality, 0)
-            counts[seg.modality] = index + 1
-            path = out / f"{seg.modality}_{index}{MODALITY_EXTENSIONS[seg.modality]}"
-            media_io.write_media(seg.modality, seg.value, path)
-            written.append(path)
-            entries.append({"type": seg.modality, "path": path.name, "forced": seg.forced})
-        answer = {"text": self.text, "raw_text": self.raw_text, "segments": entries,
-                  "num_generated_tokens": self.num_generated_tokens, "timings": self.timings}
-        json_path = out / "answer.json"
-        json_path.write_text(json.dumps(answer, indent=2, ensure_ascii=False) + "\n")
-        written.append(json_path)
-        return written

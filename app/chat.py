@@ -2,62 +2,116 @@
 
 The app loads no model: it takes anything with the pipeline's call shape (``stream``,
 ``config``, ``device``), so tests drive it with the ``tiny`` preset or a stub.
+
+Nothing here names a modality or a setting: what can be uploaded, generated and shown comes from
+the modality registry (:mod:`anygpt.modalities`) and the model's config, and the settings
+controls from the declared options (:data:`~anygpt.config.SAMPLING_OPTIONS`,
+:data:`~anygpt.config.DECODE_OPTIONS`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 
-from anygpt.app.engine import OUTPUT_CHOICES, TurnState, run_turn
-from anygpt.app.session import MODALITY_SUFFIXES, ChatSession, UserMessage
+from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
+from anygpt.modalities import get_modality
+from anygpt.options import Option
+
+from anygpt.app.engine import AUTO, TurnState, output_choices, run_turn
+from anygpt.app.session import ChatSession, UserMessage, describe_modalities, upload_suffixes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_app", "API_NAME"]
+__all__ = ["build_app", "API_NAME", "SEED", "control_options", "ui_settings"]
 
 #: The named endpoint for ``gradio_client``: ``client.predict(..., api_name="/chat")``.
 API_NAME = "chat"
 
+#: The option shown as a number box rather than a slider; -1 there means random (None).
+SEED = "seed"
+
 #: The API endpoint streams text at most this often (seconds); media and the end always go out.
 _API_UPDATE_S = 0.05
 
-_PENDING = {"image": "🖼️ drawing the image…", "audio": "🔊 making the sound…", "video": "🎬 rendering the video…"}
-_COMPONENTS = {"image": gr.Image, "audio": gr.Audio, "video": gr.Video}
+
+# Settings: one control per declared option ---------------------------------------------------
+def control_options() -> tuple[Option, ...]:
+    """The settings the app shows, in declaration order: every option with ``ui``, and the seed.
+
+    These are also the settings parameters of the ``/chat`` API endpoint, named as the options
+    (so as the pipeline's keyword arguments).
+    """
+    return tuple(opt for opt in (*SAMPLING_OPTIONS, *DECODE_OPTIONS) if opt.ui is not None or opt.name == SEED)
 
 
-def _defaults(pipe: Any) -> dict[str, Any]:
-    """Slider defaults from the preset's generation config (tolerant of stubs)."""
-    gen = getattr(getattr(pipe, "config", None), "generation", None)
-    return {"max_new_tokens": int(getattr(gen, "max_new_tokens", 256) or 256),
-            "temperature": float(getattr(gen, "temperature", 0.7)),
-            "top_p": float(getattr(gen, "top_p", 0.9))}
+def _is_decode(opt: Option) -> bool:
+    """A decoder option: its control's 0 means the preset's (the decoder's) default."""
+    return opt.name in {o.name for o in DECODE_OPTIONS}
 
 
-def _settings(max_new_tokens, temperature, top_p, seed, steps, guidance, image_size, video_frames,
-              audio_length) -> dict[str, Any]:
-    """UI values → pipeline keyword arguments; 0 (or seed -1) means the preset's default."""
-    def positive(value, cast):
-        return cast(value) if value is not None and value > 0 else None
-
-    size = positive(image_size, int)
-    return {"max_new_tokens": positive(max_new_tokens, int), "temperature": temperature,
-            "top_p": top_p, "seed": None if seed is None or seed < 0 else int(seed),
-            "steps": positive(steps, int), "guidance": positive(guidance, float),
-            "height": size, "width": size, "num_frames": positive(video_frames, int),
-            "audio_length_s": positive(audio_length, float)}
+def _label(opt: Option) -> str:
+    return opt.name.replace("_", " ").capitalize()
 
 
-def _user_message(value: Any, extra_files: list[str] = ()) -> UserMessage:
+def _control(opt: Option, generation: Any) -> gr.components.Component:
+    """The control of one option: a slider, or for the seed a number box."""
+    if opt.name == SEED:
+        return gr.Number(value=-1, precision=0, label=f"{_label(opt)} (-1: random)", info=opt.help)
+    low, high, step = opt.ui
+    if _is_decode(opt):
+        return gr.Slider(min(low, 0), high, value=0, step=step, label=f"{_label(opt)} (0: preset default)",
+                         info=opt.help)
+    value = getattr(generation, opt.name, opt.default)
+    value = low if value is None else value
+    return gr.Slider(min(low, value), max(high, value), value=value, step=step, label=_label(opt), info=opt.help)
+
+
+def _setting(opt: Option, value: Any) -> Any:
+    """One control's value → the pipeline's keyword argument (None: the preset's default)."""
+    if value is None:
+        return None
+    if opt.name == SEED:
+        return None if value < 0 else int(value)
+    if _is_decode(opt) and value == 0:
+        return None
+    return opt.type(value)
+
+
+def ui_settings(values: Sequence[Any], options: Sequence[Option] | None = None) -> dict[str, Any]:
+    """Control values, in :func:`control_options` order → the pipeline's keyword arguments."""
+    options = control_options() if options is None else options
+    if len(values) != len(options):
+        raise ValueError(f"expected {len(options)} setting values ({', '.join(o.name for o in options)}), "
+                         f"got {len(values)}")
+    return {opt.name: _setting(opt, value) for opt, value in zip(options, values)}
+
+
+def _with_signature(fn: Callable, names: Sequence[str]) -> Callable:
+    """Give ``fn(*args)`` the parameter names ``names``: Gradio names an endpoint's API
+    parameters after its function's signature (``gradio.utils.get_function_params``)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fn.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in names])
+    return fn
+
+
+# Rendering ----------------------------------------------------------------------------------------
+def _user_message(value: Any, extra_files: Sequence[str] = ()) -> UserMessage:
     value = value or {}
     files = []
     for f in list(value.get("files") or []) + [f for f in extra_files if f]:
         files.append(f if isinstance(f, str) else f.get("path"))
     return UserMessage(str(value.get("text") or ""), files)
+
+
+def _media_component(modality: str, path: str) -> gr.components.Component:
+    """The Gradio component the registry names for ``modality`` (a file link if there is none)."""
+    return getattr(gr, get_modality(modality).ui_component, gr.File)(path)
 
 
 def _render_turn(message: UserMessage, state: TurnState) -> list[dict]:
@@ -70,9 +124,9 @@ def _render_turn(message: UserMessage, state: TurnState) -> list[dict]:
             if part.value.strip():
                 content.append(part.value)
         elif part.kind == "pending":
-            content.append(f"*{_PENDING.get(part.value, 'decoding ' + part.value + '…')}*")
+            content.append(f"*⏳ making {get_modality(part.value).noun}…*")
         else:
-            content.append(_COMPONENTS[part.kind](part.value))
+            content.append(_media_component(part.kind, part.value))
     if content:
         messages.append({"role": "assistant", "content": content})
     elif not state.done and not state.error:
@@ -106,13 +160,26 @@ def _write_examples(folder: Path) -> dict[str, str]:
     return {"image": str(image), "audio": str(audio)}
 
 
+def _examples(folder: Path, inputs: Sequence[str]) -> list[list[dict]]:
+    """The example messages; those attaching a modality the model does not read are left out."""
+    files = _write_examples(folder)
+    examples = [("Hello! Who are you?", None),
+                ("What is in this picture? Draw a similar one.", "image"),
+                ("Describe this sound, then make a short tune.", "audio"),
+                ("Show me a short video of waves on a beach.", None)]
+    return [[{"text": text, "files": [files[modality]] if modality else []}]
+            for text, modality in examples if modality is None or modality in inputs]
+
+
+# The app ------------------------------------------------------------------------------------------
 def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_mb: float = 50.0,
               concurrency: int = 1, title: str = "AnyGPT") -> gr.Blocks:
     """Build the chat app around ``pipe``.
 
     Args:
         pipe: an :class:`~anygpt.AnyGPTPipeline` or any object with its ``stream(conversation,
-            outputs=..., **settings)``, ``config`` and ``device``.
+            message, media=..., outputs=..., **settings)``, ``config`` (``input_modalities``,
+            ``output_modalities``, ``generation``, ``name``) and ``device``.
         output_dir: generated media are written to ``output_dir/<session>/<turn>/``; launch with
             :func:`app.server.launch` so that only this folder is served.
         max_upload_mb: larger uploads are refused with an error in the chat.
@@ -120,51 +187,41 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    defaults = _defaults(pipe)
-    preset = getattr(getattr(pipe, "config", None), "name", "custom")
+    config = pipe.config
+    inputs = list(config.input_modalities)
+    options = control_options()
+    preset = getattr(config, "name", "custom")
     device = getattr(pipe, "device", "cpu")
-    examples = _write_examples(output_dir / "examples")
+    examples = _examples(output_dir / "examples", inputs)
     model_events = dict(concurrency_limit=concurrency, concurrency_id="model")
+    attach = f"attach {describe_modalities(inputs)}, and " if inputs else ""
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"## {title}\nPreset **`{preset}`** on device **`{device}`** — attach images, "
-                    f"audio or video, and choose what the answer must contain.", elem_id="header")
+        gr.Markdown(f"## {title}\nPreset **`{preset}`** on device **`{device}`** — {attach}"
+                    f"choose what the answer must contain.", elem_id="header")
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy", "copy_all"],
                                      elem_id="chatbot", feedback_options=None)
                 textbox = gr.MultimodalTextbox(
-                    file_types=["image", "audio", "video"], file_count="multiple",
+                    file_types=upload_suffixes(inputs), file_count="multiple",
                     sources=["upload", "microphone"], placeholder="Type a message, attach media…",
                     show_label=False, elem_id="message")
                 with gr.Accordion("Webcam", open=False):
                     webcam = gr.Image(sources=["webcam"], type="filepath", label="Snapshot (sent with the next message)")
             with gr.Column(scale=1, min_width=240):
-                output = gr.Radio(list(OUTPUT_CHOICES), value="auto", label="Answer must contain")
+                output = gr.Radio(list(output_choices(pipe)), value=AUTO, label="Answer must contain",
+                                  elem_id="output")
                 with gr.Accordion("Settings", open=False):
-                    max_new_tokens = gr.Slider(1, 1024, value=defaults["max_new_tokens"], step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p")
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
-                    steps = gr.Slider(0, 100, value=0, step=1, label="Diffusion steps (0: preset default)")
-                    guidance = gr.Slider(0.0, 20.0, value=0.0, step=0.5, label="Guidance (0: preset default)")
-                    image_size = gr.Slider(0, 1024, value=0, step=64, label="Image size (0: preset default)")
-                    video_frames = gr.Slider(0, 64, value=0, step=1, label="Video frames (0: preset default)")
-                    audio_length = gr.Slider(0.0, 30.0, value=0.0, step=0.5, label="Audio length s (0: preset default)")
-        gr.Examples(
-            examples=[[{"text": "Hello! Who are you?", "files": []}],
-                      [{"text": "What is in this picture? Draw a similar one.", "files": [examples["image"]]}],
-                      [{"text": "Describe this sound, then make a short tune.", "files": [examples["audio"]]}],
-                      [{"text": "Show me a short video of waves on a beach.", "files": []}]],
-            inputs=[textbox], label="Examples")
-        settings = [output, max_new_tokens, temperature, top_p, seed, steps, guidance, image_size,
-                    video_frames, audio_length]
+                    controls = [_control(opt, config.generation) for opt in options]
+        gr.Examples(examples=examples, inputs=[textbox], label="Examples")
+        settings = [output, *controls]
 
         def stream_turn(session: ChatSession, message: UserMessage, output_choice, *values):
             busy = gr.MultimodalTextbox(value=None, interactive=False)
             for _ in run_turn(pipe, session, message, output_dir=output_dir, output=output_choice,
-                              settings=_settings(*values), max_upload_mb=max_upload_mb):
+                              settings=ui_settings(values, options), max_upload_mb=max_upload_mb):
                 yield _history(session), busy, session
             yield _history(session), gr.MultimodalTextbox(interactive=True), session
 
@@ -191,18 +248,17 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
         def clear():
             return [], None, ChatSession()
 
-        def api_chat(message, output, max_new_tokens, temperature, top_p, seed, steps, guidance,
-                     image_size, video_frames, audio_length, session):
+        def api_chat(message, output, *rest):
+            *values, session = rest
             session = session or ChatSession()
-            values = _settings(max_new_tokens, temperature, top_p, seed, steps, guidance, image_size,
-                               video_frames, audio_length)
             final, last, sent_files = None, 0.0, 0
             # A generator, so gradio_client's submit() can stream the answer (predict() returns
             # the last value): each update is the text so far and the media written so far.
             # Text updates are coalesced (every update costs Gradio a serialise-and-send);
             # new media and the final state are always sent.
             for final in run_turn(pipe, session, _user_message(message), output_dir=output_dir,
-                                  output=output, settings=values, max_upload_mb=max_upload_mb):
+                                  output=output, settings=ui_settings(values, options),
+                                  max_upload_mb=max_upload_mb):
                 now = time.monotonic()
                 if final.error or not (final.done or len(final.files) > sent_files or now - last >= _API_UPDATE_S):
                     continue
@@ -210,6 +266,9 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
                 yield final.text, final.files, session
             if final is None or final.error:
                 raise gr.Error(final.error if final else "no answer", print_exception=False)
+
+        # The API's parameter names are the options' names (and so the pipeline's keywords).
+        _with_signature(api_chat, ["message", "output", *(opt.name for opt in options), "session"])
 
         textbox.submit(respond, [textbox, webcam, state, *settings], [chatbot, textbox, webcam, state],
                        api_visibility="private", **model_events)

@@ -10,17 +10,22 @@ from typing import Any, Sequence
 
 from anygpt.conversation import Conversation
 from anygpt.errors import MediaError
+from anygpt.modalities import MODALITIES, get_modality, modality_for_suffix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChatSession", "UserMessage", "classify_uploads", "MODALITY_SUFFIXES"]
+__all__ = ["ChatSession", "UserMessage", "classify_uploads", "upload_suffixes", "describe_modalities"]
 
-#: File suffixes accepted per input modality (the content is validated again when loaded).
-MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "image": (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"),
-    "audio": (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3"),
-    "video": (".mp4", ".mov", ".m4v", ".webm", ".avi", ".mkv"),
-}
+
+def upload_suffixes(modalities: Sequence[str]) -> list[str]:
+    """The file suffixes the registry accepts for ``modalities``, in their order."""
+    return [suffix for name in modalities for suffix in get_modality(name).input_suffixes]
+
+
+def describe_modalities(modalities: Sequence[str]) -> str:
+    """``"an image, an audio clip or a video"``: the registry's nouns, joined for a sentence."""
+    nouns = [get_modality(name).noun for name in modalities]
+    return "".join(nouns) if len(nouns) < 2 else f"{', '.join(nouns[:-1])} or {nouns[-1]}"
 
 
 @dataclass
@@ -65,26 +70,36 @@ class ChatSession:
         return message
 
 
-def classify_uploads(files: Sequence[Any], max_upload_mb: float) -> dict[str, list[str]]:
+def classify_uploads(files: Sequence[Any], max_upload_mb: float,
+                     accepted: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Sort uploaded files by modality from their suffix and enforce the size limit.
 
+    Args:
+        files: paths (or Gradio file dicts with a ``path``).
+        max_upload_mb: the size limit of one file.
+        accepted: the modalities the model reads (default: every registered modality).
+
     Raises:
-        MediaError: an unsupported file type or a file over ``max_upload_mb``.
+        MediaError: an unsupported file type, a modality the model does not read, or a file
+            over ``max_upload_mb``.
     """
+    accepted = list(MODALITIES) if accepted is None else list(accepted)
     media: dict[str, list[str]] = {}
     for item in files:
         path = Path(item if isinstance(item, (str, Path)) else item.get("path", ""))
         suffix = path.suffix.lower()
-        modality = next((m for m, sufs in MODALITY_SUFFIXES.items() if suffix in sufs), None)
-        if modality is None:
-            accepted = ", ".join(s for sufs in MODALITY_SUFFIXES.values() for s in sufs)
-            raise MediaError(f"{path.name}: unsupported file type {suffix or '(none)'}; "
-                             f"attach an image, audio or video file ({accepted})")
+        spec = modality_for_suffix(suffix) if suffix else None
+        if spec is None or spec.name not in accepted:
+            what = (f"unsupported file type {suffix or '(none)'}" if spec is None
+                    else f"this model does not read {spec.name} input ({suffix})")
+            hint = (f"attach {describe_modalities(accepted)} ({', '.join(upload_suffixes(accepted))})"
+                    if accepted else "this model reads text only")
+            raise MediaError(f"{path.name}: {what}; {hint}")
         if not path.is_file():
             raise MediaError(f"{path.name}: the upload is missing; attach it again")
         size_mb = path.stat().st_size / 2**20
         if size_mb > max_upload_mb:
             raise MediaError(f"{path.name}: the file is {size_mb:.1f} MB, over the upload limit of "
                              f"{max_upload_mb:g} MB")
-        media.setdefault(modality, []).append(str(path))
+        media.setdefault(spec.name, []).append(str(path))
     return media

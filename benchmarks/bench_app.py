@@ -30,19 +30,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def direct_turn(pipe, image: Path, outputs: tuple[str, ...], settings: dict, out_dir: Path) -> dict:
     from anygpt.conversation import Conversation
-    from anygpt.media import write_media
+    from anygpt.modalities import get_modality
     from anygpt.types import MediaSegment, TextDelta
 
     start = time.perf_counter()
     first_text, media_times = None, []
     conv = Conversation()
-    conv.add_user("What is in this picture? Draw a similar one and make a matching sound.", {"image": [image]})
-    for event in pipe.stream(conv, outputs=outputs, **settings):
+    for event in pipe.stream(conv, "What is in this picture? Draw a similar one and make a matching sound.",
+                             media={"image": [image]}, outputs=outputs, **settings):
         now = time.perf_counter() - start
         if isinstance(event, TextDelta) and first_text is None and event.text.strip():
             first_text = now
         elif isinstance(event, MediaSegment):
-            write_media(event.modality, event.value, out_dir / f"{len(media_times)}_{event.modality}")
+            spec = get_modality(event.modality)
+            spec.write(event.value, out_dir / f"{len(media_times)}_{spec.name}{spec.output_suffix}")
             media_times.append(time.perf_counter() - start)
     return {"first_text": first_text, "media": media_times, "total": time.perf_counter() - start}
 
@@ -94,18 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     # The modalities the preset can generate, forced: the app forces one per turn, so use one.
     output = "image"
+    # The app's /chat parameters are named as the pipeline's settings: one dict serves both.
     settings = {"seed": 0, "max_new_tokens": args.max_new_tokens}
-    ui_settings = {"seed": 0, "max_new_tokens": args.max_new_tokens}
 
     demo = build_app(pipe, output_dir=work / "app-out")
     launch(demo, port=None, block=False, quiet=True)
     try:
         direct_turn(pipe, image, (output,), settings, work)  # warm-up: loads the decoder
-        app_turn(demo.local_url, image, output, ui_settings)
+        app_turn(demo.local_url, image, output, settings)
         direct, app = [], []
         for _ in range(args.runs):  # interleaved, so drift in machine load hits both alike
             direct.append(direct_turn(pipe, image, (output,), settings, work))
-            app.append(app_turn(demo.local_url, image, output, ui_settings))
+            app.append(app_turn(demo.local_url, image, output, settings))
     finally:
         demo.close()
 

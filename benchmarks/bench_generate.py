@@ -7,7 +7,7 @@ For each preset (default ``tiny`` and ``mini``) and each run, a fresh Python pro
 2. times ``AnyGPTPipeline.from_pretrained(preset)`` ("load");
 3. makes a FIRST call (decoders are loaded lazily inside it: ``timings["load/<modality>"]``)
    and a SECOND identical call on the same pipeline (must load no decoder; checked);
-4. times ``output.save(dir)`` after each call.
+4. times ``save_output(output, dir)`` after each call.
 
 Each run is a separate process (unless ``--in-process``) so that every first call is really a
 first call: imports done lazily by the pipeline (diffusers, the decoders' modules) are paid
@@ -24,9 +24,9 @@ Which total is which (the overhead goal is < 5 %):
 * "call wall" is what this script measures around ``pipe(...)``: everything the caller waits
   for. Its unmeasured part, ``wall - (media file I/O + the stages above)``, adds the
   ``Conversation`` construction and the generator plumbing of ``__call__``/``_run``. Media file
-  I/O is not timed by the pipeline at all; this script times it by wrapping
-  ``anygpt.media.load_image/load_audio/load_video`` (the modality specs resolve those names at
-  call time), so the table shows it as its own line instead of hiding it in the overhead.
+  I/O is not timed by the pipeline at all; this script times it by wrapping each registered
+  modality's ``loader`` (``Conversation.add_user`` calls ``ModalitySpec.load``), so the table
+  shows it as its own line instead of hiding it in the overhead.
 * "turn total" = call wall + save.
 
 Example:
@@ -64,18 +64,21 @@ def _write_inputs(folder: Path) -> dict[str, Path]:
 
 
 class _MediaIOClock:
-    """Times the media loaders that ``Conversation.add_user`` calls (outside the pipeline's clock)."""
+    """Times the media loaders that ``Conversation.add_user`` calls (outside the pipeline's clock).
 
-    NAMES = ("load_image", "load_audio", "load_video")
+    Specs are frozen: each is swapped in the registry for a copy whose ``loader`` is timed.
+    """
 
     def __init__(self):
-        import anygpt.media as media
+        import dataclasses
 
-        self.media, self.seconds, self.originals = media, 0.0, {}
-        for name in self.NAMES:
-            original = getattr(media, name)
-            self.originals[name] = original
-            setattr(media, name, self._wrap(original))
+        from anygpt.modalities import MODALITIES, register_modality, unregister_modality
+
+        self.seconds, self.originals = 0.0, {}
+        for name in MODALITIES.names():
+            spec = unregister_modality(name)
+            self.originals[name] = spec
+            register_modality(dataclasses.replace(spec, loader=self._wrap(spec.loader)))
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
@@ -93,8 +96,11 @@ class _MediaIOClock:
         return seconds
 
     def restore(self) -> None:
-        for name, fn in self.originals.items():
-            setattr(self.media, name, fn)
+        from anygpt.modalities import register_modality, unregister_modality
+
+        for name, spec in self.originals.items():
+            unregister_modality(name)
+            register_modality(spec)
 
 
 def _stage_sum(timings: dict[str, float]) -> float:
@@ -124,8 +130,10 @@ def _one_call(pipe, inputs: dict[str, Path], args, clock: _MediaIOClock, out_dir
         profiler.dump_stats(str(profile_path))
     media_io = clock.take()
 
+    from anygpt.export import save_output
+
     t0 = time.perf_counter()
-    output.save(out_dir)
+    save_output(output, out_dir)
     save = time.perf_counter() - t0
 
     timings = dict(output.timings)
@@ -342,7 +350,7 @@ def print_table(preset: str, runs: list[dict[str, Any]], summary: dict[str, Any]
     row("sum of measured stages", "stages_sum")
     row('pipeline timings["total"]', "timings/total")
     row("call wall (around pipe(...))", "call_wall")
-    row("save (output.save(dir))", "save")
+    row("save (save_output(output, dir))", "save")
     row("turn total (call wall + save)", "turn_total")
     row("overhead, pipeline clock", "overhead_pipeline")
     row("  % of timings[\"total\"]", "overhead_pipeline_pct", "%")
@@ -357,7 +365,7 @@ def print_table(preset: str, runs: list[dict[str, Any]], summary: dict[str, Any]
     print(f"  {'-' * (w0 + w1 + 22)}")
     for label, a, b in rows:
         print(f"  {label:<{w0}}{a:<{w1}}{b}")
-    print("  * not timed by the pipeline; timed here by wrapping anygpt.media.load_* "
+    print("  * not timed by the pipeline; timed here by wrapping the modality specs' loaders "
           "(counted as a measured stage in 'overhead, wall clock')")
 
     loads_first = first["decoder_load_keys"]

@@ -10,6 +10,9 @@ name                      modality   pipeline                    conditioning (r
 ``text-to-video``         video      ``TextToVideoSDPipeline``    77 × 1024 (zeroscope)
 ========================  =========  ==========================  ======================
 
+Every decoder also turns a loaded media value of its modality into a training sample
+(:meth:`Decoder.training_sample`) for its denoising loss (:meth:`Decoder.denoising_loss`).
+
 Importing this package imports neither diffusers nor transformers; loading a decoder does.
 Loaded decoders are not cached here: the caller keeps the instance and reuses it.
 
@@ -51,15 +54,10 @@ def load_decoder(
 ) -> Decoder:
     """Load (``config.pretrained``) or build (``config.arch``) the decoder named ``config.name``.
 
-    Args:
-        config: the decoder's config.
-        device: where to put the weights.
-        dtype: weights dtype; default ``config.dtype`` on accelerators. Always float32 on CPU.
+    The arguments, defaults and other errors are :meth:`Decoder.from_config`'s.
 
     Raises:
         UnknownNameError: ``config.name`` is not a registered decoder.
-        WeightsNotFoundError: the pretrained weights cannot be found.
-        ConfigError: ``config.arch`` is invalid.
     """
     return get_decoder_class(config.name).from_config(config, device=device, dtype=dtype)
 

@@ -2,21 +2,27 @@
 
 Registry name ``audioldm``; real weights e.g. ``cvssp/audioldm-l-full`` (conditioning 1 × 512).
 The conditioning is CLAP's projected text embedding after the L2 normalisation the pipeline
-applies; it enters the UNet as a class embedding, not through cross-attention.
+applies; it enters the UNet as a class embedding, not through cross-attention. The UNet and VAE
+work on log-mel spectrograms whose parameters are the vocoder's (:func:`log_mel_spectrogram`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from anygpt.types import Audio
 from anygpt.decoders import tiny
 from anygpt.decoders.base import Decoder, register
 
-__all__ = ["TINY_ARCH", "AudioLDMDecoder"]
+__all__ = ["TINY_ARCH", "AudioLDMDecoder", "log_mel_spectrogram"]
+
+#: Floor of the mel magnitudes before the log (AudioLDM's ``dynamic_range_compression``).
+MEL_FLOOR = 1e-5
 
 #: Sizes of the tiny random AudioLDM; ``DecoderConfig.arch`` overrides any key.
 #: The vocoder upsamples 160× at 16 kHz (10 ms per mel frame), so the default 1.0 s of audio is
@@ -63,24 +69,15 @@ class AudioLDMDecoder(Decoder):
         from diffusers import UNet2DConditionModel
         from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-        blocks = tuple(arch["block_out_channels"])
-        with tiny.seeded(seed):
-            unet = UNet2DConditionModel(
-                sample_size=arch["sample_size"],
-                in_channels=arch["latent_channels"],
-                out_channels=arch["latent_channels"],
-                block_out_channels=blocks,
-                layers_per_block=arch["layers_per_block"],
-                attention_head_dim=arch["attention_head_dim"],
-                norm_num_groups=arch["norm_num_groups"],
-                # AudioLDM: no text cross-attention (attention blocks attend to themselves); the
-                # CLAP embedding is projected and concatenated to the timestep embedding.
-                cross_attention_dim=blocks,
-                class_embed_type="simple_projection",
-                projection_class_embeddings_input_dim=arch["projection_dim"],
-                class_embeddings_concat=True,
-                **tiny.unet_block_types(len(blocks)),
-            )
+        unet = tiny.unet(
+            UNet2DConditionModel, arch, seed,
+            # AudioLDM: no text cross-attention (attention blocks attend to themselves); the CLAP
+            # embedding is projected and concatenated to the timestep embedding.
+            cross_attention_dim=tuple(arch["block_out_channels"]),
+            class_embed_type="simple_projection",
+            projection_class_embeddings_input_dim=arch["projection_dim"],
+            class_embeddings_concat=True,
+        )
         vocoder_config = SpeechT5HifiGanConfig(
             model_in_dim=arch["num_mel_bins"],
             sampling_rate=arch["sampling_rate"],
@@ -118,3 +115,56 @@ class AudioLDMDecoder(Decoder):
         rate = int(self.pipeline.vocoder.config.sampling_rate)
         return [Audio(waveform=np.clip(wave, -1.0, 1.0).astype(np.float32), sample_rate=rate)
                 for wave in output.audios]
+
+    def training_sample(self, value: Audio) -> torch.Tensor:
+        """A clip → its log-mel spectrogram ``(1, T, mels)``, the vocoder's input representation.
+
+        As AudioLDM prepares its training audio: mixed to mono, resampled to the vocoder's rate,
+        mean removed and scaled to a peak of 0.5, then cut or zero-padded to the length
+        :meth:`decode` generates (``T`` mel frames) before :func:`log_mel_spectrogram`.
+        """
+        import torchaudio
+
+        vocoder = self.pipeline.vocoder.config
+        rate, hop = int(vocoder.sampling_rate), math.prod(vocoder.upsample_rates)
+        mono = value.waveform if value.waveform.ndim == 1 else value.waveform.mean(axis=0)
+        wave = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+        if value.sample_rate != rate:
+            wave = torchaudio.functional.resample(wave, value.sample_rate, rate)
+        wave = wave - wave.mean()
+        wave = 0.5 * wave / (wave.abs().max() + 1e-8)
+        length = self._mel_frames(rate, hop) * hop
+        wave = F.pad(wave[:length], (0, max(0, length - len(wave))))
+        return log_mel_spectrogram(wave, rate, hop, int(vocoder.model_in_dim))[None]
+
+    def _mel_frames(self, rate: int, hop: int) -> int:
+        """Mel frames of the audio :meth:`decode` generates, computed as the pipeline computes
+        its spectrogram height (rounded up to a multiple of the VAE's scale factor)."""
+        scale = int(self.pipeline.vae_scale_factor)
+        seconds = self.resolve_options()["audio_length_s"]
+        if seconds is None:
+            return int(self.pipeline.unet.config.sample_size) * scale
+        frames = int(seconds / (hop / rate))
+        return math.ceil(frames / scale) * scale
+
+
+def log_mel_spectrogram(wave: torch.Tensor, rate: int, hop: int, mels: int) -> torch.Tensor:
+    """A mono waveform of ``T × hop`` samples → its ``(T, mels)`` log-mel spectrogram.
+
+    AudioLDM's ``TacotronSTFT``: the magnitude STFT (periodic Hann window of ``n_fft`` = the
+    smallest power of two >= 4 × ``hop`` samples, 1024 for AudioLDM's hop of 160; the waveform
+    reflect-padded by ``n_fft - hop`` so that there is one frame per ``hop`` samples) through a
+    Slaney mel filter bank (``mels`` bands, 0 Hz to Nyquist, librosa's default), then
+    ``log(max(mel, MEL_FLOOR))``.
+    """
+    import torchaudio
+
+    n_fft = 1 << (4 * hop - 1).bit_length()
+    left = (n_fft - hop) // 2
+    padded = F.pad(wave[None, None], (left, n_fft - hop - left), mode="reflect")[0, 0]
+    window = torch.hann_window(n_fft, dtype=wave.dtype)
+    magnitude = torch.stft(padded, n_fft, hop_length=hop, window=window, center=False,
+                           return_complex=True).abs()  # (n_fft // 2 + 1, T)
+    bank = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, rate / 2, mels, rate,
+                                                 norm="slaney", mel_scale="slaney")  # (freqs, mels)
+    return torch.log((magnitude.T @ bank).clamp(min=MEL_FLOOR))

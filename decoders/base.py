@@ -4,7 +4,8 @@ A :class:`Decoder` wraps one diffusers pipeline and never forks it: text is enco
 pipeline's own prompt encoder, and generation calls the pipeline's public ``__call__`` with
 ``prompt_embeds=`` / ``negative_prompt_embeds=``. A subclass only says what differs for its
 modality: which pipeline class it wraps, how its tiny components are built, which size options
-the pipeline takes and how the pipeline's output becomes media values.
+the pipeline takes, how the pipeline's output becomes media values and how a media value becomes
+a training sample.
 
 Nothing here imports diffusers or transformers at module level; they are imported by the
 methods that need them.
@@ -23,22 +24,30 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from anygpt.config import DecoderConfig
+from anygpt.config import DecodeOptions, DecoderConfig
+from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, WeightsNotFoundError
+from anygpt.options import Option, check_value, options_of
+from anygpt.paths import looks_like_path, resolve_path
 from anygpt.registry import Registry
 from anygpt.decoders import tiny
 
 if TYPE_CHECKING:
+    import numpy as np
     from diffusers import DiffusionPipeline
+    from PIL import Image
 
-__all__ = ["DECODERS", "Decoder", "ClipConditionedDecoder", "register", "resolve_dtype"]
+__all__ = ["DECODERS", "DECODE_OPTIONS", "Decoder", "ClipConditionedDecoder", "register", "resolve_dtype",
+           "image_tensor"]
 
 logger = logging.getLogger(__name__)
 
 DECODERS: Registry[type[Decoder]] = Registry("decoder")
 
+#: The keyword options of :meth:`Decoder.decode`, declared once on :class:`DecodeOptions`.
+DECODE_OPTIONS: Mapping[str, Option] = {opt.name: opt for opt in options_of(DecodeOptions)}
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def register(cls: type[Decoder]) -> type[Decoder]:
@@ -53,11 +62,7 @@ def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None = 
     Half precision on CPU is slow and unsupported by some kernels, so it is replaced by float32
     (with a log message). ``None`` means float32.
     """
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(f"decoder dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
-    dtype = dtype or torch.float32
+    dtype = torch.float32 if dtype is None else torch_dtype(dtype, "decoder dtype")
     if torch.device(device).type == "cpu" and dtype != torch.float32:
         logger.info("Decoders run in float32 on CPU; ignoring dtype %s.", dtype)
         return torch.float32
@@ -263,15 +268,9 @@ class Decoder:
         condition: torch.Tensor,
         *,
         negative_condition: torch.Tensor | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
         seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_frames: int | None = None,
-        fps: float | None = None,
-        audio_length_s: float | None = None,
         progress: bool = False,
+        **options: Any,
     ) -> list[Any]:
         """Generate one media item per conditioning row.
 
@@ -280,38 +279,63 @@ class Decoder:
                 output projector's.
             negative_condition: the unconditional embedding for classifier-free guidance, with
                 batch 1 or ``batch``; default :attr:`negative_condition` (the empty caption).
-            steps: denoising steps (default ``config.steps``).
-            guidance: classifier-free guidance scale (default ``config.guidance``); ``<= 1``
-                disables guidance.
             seed: seeds a ``torch.Generator`` on the decoder's device; None draws fresh noise.
-            height, width, num_frames, fps, audio_length_s: output size (default: the config's
-                value, else the model's). Options that do not apply to this modality are ignored.
             progress: show the pipeline's progress bar.
+            **options: any :class:`~anygpt.config.DecodeOptions` field (``steps``, ``guidance``,
+                ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``); see
+                :meth:`resolve_options` for the defaults. A ``guidance`` of 1 or less disables
+                classifier-free guidance; options that do not apply to this modality are ignored.
 
         Returns:
             ``PIL.Image.Image`` (image), :class:`anygpt.types.Audio` (audio) or
             :class:`anygpt.types.Video` (video) items, one per row of ``condition``.
+
+        Raises:
+            ConfigError: an unknown option, or a value of the wrong type or out of range.
+            ValueError: ``condition`` or ``negative_condition`` has the wrong shape.
         """
         condition = self._check_condition(condition, "condition")
-        steps = self.config.steps if steps is None else steps
-        guidance = self.config.guidance if guidance is None else guidance
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        resolved = self.resolve_options(options)
         negative = None
-        if guidance > 1.0:
+        if resolved["guidance"] > 1.0:
             negative = self._negative_for(condition, negative_condition)
-        requested = {"height": height, "width": width, "num_frames": num_frames, "audio_length_s": audio_length_s}
         self.pipeline.set_progress_bar_config(disable=not progress)
         output = self.pipeline(
             prompt_embeds=self._pipeline_embeds(condition),
             negative_prompt_embeds=None if negative is None else self._pipeline_embeds(negative),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            num_inference_steps=resolved["steps"],
+            guidance_scale=resolved["guidance"],
             generator=self._generator(seed),
             output_type=self.output_type,
-            **self._size_arguments(requested),
+            **self._size_arguments(resolved),
         )
-        return self._to_media(output, fps=self._option("fps", fps))
+        return self._to_media(output, fps=resolved["fps"])
+
+    def resolve_options(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every decode option a :meth:`decode` call with ``options`` uses.
+
+        Each is the given value, else the config's, else (for decoders built from ``arch``)
+        :attr:`tiny_call_defaults`; None left means the pipeline's own default (the model's
+        native size).
+
+        Raises:
+            ConfigError: a name that is not a :class:`~anygpt.config.DecodeOptions` field (the
+                message lists the valid ones), or a value of the wrong type or out of range.
+        """
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(DECODE_OPTIONS))
+        if unknown:
+            raise ConfigError(f"decoder {self.name!r}: unknown decode option(s) {', '.join(unknown)}; "
+                              f"valid options: {', '.join(DECODE_OPTIONS)}")
+        resolved = {}
+        for name, opt in DECODE_OPTIONS.items():
+            value = options.get(name)
+            if value is None:
+                value = getattr(self.config, name)
+            if value is None and self.config.pretrained is None:
+                value = self.tiny_call_defaults.get(name)
+            resolved[name] = check_value(opt, value, f"decode option {name!r}")
+        return resolved
 
     def _check_condition(self, condition: torch.Tensor, name: str) -> torch.Tensor:
         shape = tuple(self.condition_shape)
@@ -331,21 +355,10 @@ class Decoder:
                              "(the batch of condition)")
         return negative.expand(len(condition), -1, -1)
 
-    def _option(self, option: str, value: Any) -> Any:
-        """An explicit value, else the config's, else the tiny default for ``arch`` decoders."""
-        if value is None:
-            value = getattr(self.config, option, None)
-        if value is None and self.config.pretrained is None:
-            value = self.tiny_call_defaults.get(option)
-        return value
-
-    def _size_arguments(self, requested: Mapping[str, Any]) -> dict[str, Any]:
-        arguments = {}
-        for option, argument in self.size_options.items():
-            value = self._option(option, requested[option])
-            if value is not None:
-                arguments[argument] = value
-        return arguments
+    def _size_arguments(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline's size arguments (:attr:`size_options`) that have a value."""
+        return {argument: resolved[option] for option, argument in self.size_options.items()
+                if resolved[option] is not None}
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(self.device).manual_seed(seed)
@@ -355,6 +368,19 @@ class Decoder:
         raise NotImplementedError
 
     # Training ------------------------------------------------------------------------------
+
+    def training_sample(self, value: Any) -> torch.Tensor:
+        """One loaded media value of :attr:`modality` as a :meth:`denoising_loss` sample.
+
+        The sample is what the decoder's VAE encodes, in the range and at the size the decoder
+        generates (images ``(3, H, W)`` and videos ``(3, F, H, W)`` in [-1, 1], mel spectrograms
+        ``(1, T, mels)``), as a float32 CPU tensor without a batch dimension.
+
+        Args:
+            value: what ``anygpt.modalities.get_modality(modality).load`` returns for a file.
+        """
+        raise NotImplementedError(f"decoder {self.name!r} does not turn {self.modality} media into "
+                                  "training samples; implement training_sample")
 
     def denoising_loss(
         self,
@@ -371,9 +397,9 @@ class Decoder:
         Args:
             condition: ``(batch, *condition_shape)``, typically an output projector's output.
             samples: latents with the UNet's ``in_channels`` (``(B, C, h, w)``, or
-                ``(B, C, F, h, w)`` for video), or media with the VAE's ``in_channels`` in [-1, 1]
-                (images ``(B, 3, H, W)``, video ``(B, 3, F, H, W)``, mel spectrograms
-                ``(B, 1, T, mels)``), which are encoded with the frozen VAE first.
+                ``(B, C, F, h, w)`` for video), or a batch of :meth:`training_sample` outputs
+                (media with the VAE's ``in_channels``), which are encoded with the frozen VAE
+                first.
             generator: source of the noise, the timesteps and the VAE's latent sample.
 
         Returns:
@@ -478,6 +504,13 @@ class ClipConditionedDecoder(Decoder):
         prompt_embeds, _ = self.pipeline.encode_prompt(captions, self.device, 1, False)
         return prompt_embeds
 
+    def pixel_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the frames :meth:`decode` generates by default: the options'
+        values, else the UNet's native size (its ``sample_size`` × the VAE's scale factor)."""
+        options = self.resolve_options()
+        native = int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+        return options["height"] or native, options["width"] or native
+
 
 # Helpers -----------------------------------------------------------------------------------
 
@@ -487,14 +520,9 @@ def _check_choice(decoder: str, key: str, value: Any, valid: tuple[str, ...]) ->
         raise ConfigError(f"decoder {decoder!r} arch.{key}: must be one of {', '.join(valid)}, got {value!r}")
 
 
-def _looks_like_path(source: str) -> bool:
-    """True for what can only be a filesystem path (a hub id is ``name`` or ``namespace/name``)."""
-    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
-
-
 def _resolve_source(pretrained: str) -> str:
     """``pretrained`` as a local pipeline directory or a hub id; a missing path raises early."""
-    path = Path(pretrained).expanduser()
+    path = Path(resolve_path(pretrained, None))
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise WeightsNotFoundError(
@@ -502,7 +530,7 @@ def _resolve_source(pretrained: str) -> str:
                 "Point `pretrained` to a directory written by DiffusionPipeline.save_pretrained "
                 "(or Decoder.save_pretrained), or to a hub id.")
         return str(path)
-    if _looks_like_path(pretrained):
+    if looks_like_path(pretrained):
         raise WeightsNotFoundError(
             f"decoder weights directory {pretrained!r} does not exist. Fix `pretrained` to point to a "
             "diffusers pipeline directory, or to a hub id such as runwayml/stable-diffusion-v1-5.")
@@ -537,6 +565,19 @@ def _tokenizer_max_length(source: str, default: int) -> int:
     if not isinstance(max_length, int) or max_length > 1_000_000:
         return default
     return max_length
+
+
+def image_tensor(image: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """An image (PIL, or a uint8 ``(H, W, 3)`` array) as a ``(3, height, width)`` float32 tensor
+    in [-1, 1], resized (bicubic) to ``size = (height, width)``: the range the VAEs encode."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    height, width = size
+    pixels = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device,

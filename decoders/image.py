@@ -6,10 +6,15 @@ Registry name ``stable-diffusion``; real weights e.g. ``runwayml/stable-diffusio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from anygpt.decoders import tiny
-from anygpt.decoders.base import ClipConditionedDecoder, register
+from anygpt.decoders.base import ClipConditionedDecoder, image_tensor, register
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["TINY_ARCH", "StableDiffusionDecoder"]
 
@@ -39,19 +44,7 @@ class StableDiffusionDecoder(ClipConditionedDecoder):
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel
 
-        blocks = tuple(arch["block_out_channels"])
-        with tiny.seeded(seed):
-            unet = UNet2DConditionModel(
-                sample_size=arch["sample_size"],
-                in_channels=arch["latent_channels"],
-                out_channels=arch["latent_channels"],
-                block_out_channels=blocks,
-                layers_per_block=arch["layers_per_block"],
-                attention_head_dim=arch["attention_head_dim"],
-                norm_num_groups=arch["norm_num_groups"],
-                cross_attention_dim=arch["text_hidden_size"],
-                **tiny.unet_block_types(len(blocks)),
-            )
+        unet = tiny.unet(UNet2DConditionModel, arch, seed, cross_attention_dim=arch["text_hidden_size"])
         return {
             "unet": unet,
             "vae": tiny.vae(arch, seed),
@@ -62,3 +55,7 @@ class StableDiffusionDecoder(ClipConditionedDecoder):
 
     def _to_media(self, output: Any, fps: float | None) -> list[Any]:
         return list(output.images)
+
+    def training_sample(self, value: Image.Image) -> torch.Tensor:
+        """An RGB image → ``(3, H, W)`` in [-1, 1] at :meth:`pixel_size` (bicubic resize)."""
+        return image_tensor(value, self.pixel_size())

@@ -34,6 +34,7 @@ __all__ = [
     "clap_text_config",
     "clap_text_encoder",
     "vae",
+    "unet",
     "unet_block_types",
     "scheduler",
     "SCHEDULERS",
@@ -75,9 +76,13 @@ CLIP_TINY_ARCH: dict[str, Any] = {
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run the block with ``torch.manual_seed(seed)``, restoring the global CPU RNG afterwards."""
+    """Run the block with the CPU generator seeded with ``seed``, restoring its state afterwards.
+
+    Only the CPU generator is seeded (not ``torch.manual_seed``, which also reseeds every CUDA
+    generator): the components are built on the CPU, and the caller's random state stays as it was.
+    """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         yield
 
 
@@ -150,16 +155,23 @@ def byte_level_roberta_tokenizer(model_max_length: int = 77) -> Any:
 # Text encoders -----------------------------------------------------------------------------
 
 
+def _text_sizes(arch: dict[str, Any]) -> dict[str, int]:
+    """The transformer sizes every tiny text encoder takes from ``arch``."""
+    return {
+        "hidden_size": arch["text_hidden_size"],
+        "intermediate_size": arch["text_intermediate_size"],
+        "num_hidden_layers": arch["text_num_layers"],
+        "num_attention_heads": arch["text_num_heads"],
+    }
+
+
 def clip_text_config(arch: dict[str, Any]) -> Any:
     """The ``CLIPTextConfig`` of a tiny CLIP text encoder (49 408-token vocabulary)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=arch["text_hidden_size"],
-        intermediate_size=arch["text_intermediate_size"],
-        num_hidden_layers=arch["text_num_layers"],
-        num_attention_heads=arch["text_num_heads"],
+        **_text_sizes(arch),
         max_position_embeddings=arch["model_max_length"],
         bos_token_id=49406,
         eos_token_id=49407,
@@ -181,10 +193,7 @@ def clap_text_config(arch: dict[str, Any]) -> Any:
 
     return ClapTextConfig(
         vocab_size=261,
-        hidden_size=arch["text_hidden_size"],
-        intermediate_size=arch["text_intermediate_size"],
-        num_hidden_layers=arch["text_num_layers"],
-        num_attention_heads=arch["text_num_heads"],
+        **_text_sizes(arch),
         projection_dim=arch["projection_dim"],
         max_position_embeddings=arch["model_max_length"] + 2,  # RoBERTa positions start at pad + 1
         bos_token_id=0,
@@ -218,6 +227,33 @@ def vae(arch: dict[str, Any], seed: int, channels: int = 3) -> Any:
             block_out_channels=blocks,
             latent_channels=arch["latent_channels"],
             norm_num_groups=arch["norm_num_groups"],
+        )
+
+
+def unet(unet_class: type, arch: dict[str, Any], seed: int, suffix: str = "2D", **conditioning: Any) -> Any:
+    """A tiny UNet of ``unet_class`` (``UNet2DConditionModel``, ``UNet3DConditionModel``) with
+    the sizes of ``arch`` and the block layout of :func:`unet_block_types`.
+
+    Args:
+        unet_class: the diffusers UNet class.
+        arch: the decoder's resolved arch.
+        seed: seed of the random weights.
+        suffix: block-type suffix, ``"2D"`` or ``"3D"``.
+        **conditioning: what differs between decoders: how the UNet is conditioned
+            (``cross_attention_dim``, class embeddings, ...).
+    """
+    blocks = tuple(arch["block_out_channels"])
+    with seeded(seed):
+        return unet_class(
+            sample_size=arch["sample_size"],
+            in_channels=arch["latent_channels"],
+            out_channels=arch["latent_channels"],
+            block_out_channels=blocks,
+            layers_per_block=arch["layers_per_block"],
+            attention_head_dim=arch["attention_head_dim"],
+            norm_num_groups=arch["norm_num_groups"],
+            **unet_block_types(len(blocks), suffix),
+            **conditioning,
         )
 
 

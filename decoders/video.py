@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from anygpt.types import Video
 from anygpt.decoders import tiny
-from anygpt.decoders.base import ClipConditionedDecoder, register
+from anygpt.decoders.base import ClipConditionedDecoder, image_tensor, register
 
 __all__ = ["TINY_ARCH", "TextToVideoDecoder"]
 
@@ -38,24 +39,15 @@ class TextToVideoDecoder(ClipConditionedDecoder):
     output_type = "np"
     #: frame rate when neither the call nor the config gives one (the pipeline's documented 8 fps).
     default_fps: float = 8.0
+    #: frames when neither the call nor the config gives a count (the pipeline's default).
+    default_num_frames: int = 16
 
     @classmethod
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet3DConditionModel
 
-        blocks = tuple(arch["block_out_channels"])
-        with tiny.seeded(seed):
-            unet = UNet3DConditionModel(
-                sample_size=arch["sample_size"],
-                in_channels=arch["latent_channels"],
-                out_channels=arch["latent_channels"],
-                block_out_channels=blocks,
-                layers_per_block=arch["layers_per_block"],
-                attention_head_dim=arch["attention_head_dim"],
-                norm_num_groups=arch["norm_num_groups"],
-                cross_attention_dim=arch["text_hidden_size"],
-                **tiny.unet_block_types(len(blocks), suffix="3D"),
-            )
+        unet = tiny.unet(UNet3DConditionModel, arch, seed, suffix="3D",
+                         cross_attention_dim=arch["text_hidden_size"])
         return {
             "unet": unet,
             "vae": tiny.vae(arch, seed),
@@ -66,6 +58,15 @@ class TextToVideoDecoder(ClipConditionedDecoder):
     def _to_media(self, output: Any, fps: float | None) -> list[Video]:
         fps = float(fps or self.default_fps)
         return [Video(frames=to_uint8(frames), fps=fps) for frames in output.frames]
+
+    def training_sample(self, value: Video) -> torch.Tensor:
+        """A clip → ``(3, F, H, W)`` in [-1, 1]: as many frames as :meth:`decode` generates,
+        evenly spaced over the clip (repeated if it is shorter), each resized like an image to
+        :meth:`pixel_size`."""
+        count = self.resolve_options()["num_frames"] or self.default_num_frames
+        index = np.linspace(0, value.num_frames - 1, count).round().astype(int)
+        size = self.pixel_size()
+        return torch.stack([image_tensor(value.frames[i], size) for i in index], dim=1)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

@@ -331,9 +331,10 @@ def test_synthetic_dialogues_are_valid_and_deterministic(synthetic, tmp_path):
     assert other["captions_train"].read_text() != synthetic["captions_train"].read_text()
     png = "train/image_0000.png"
     assert (tmp_path / "again" / png).read_bytes() == (synthetic["captions_train"].parent / png).read_bytes()
-    custom = make_synthetic_dataset(tmp_path / "custom", num_train=6, num_val=1, seed=0,
+    custom = make_synthetic_dataset(tmp_path / "custom", num_train=12, num_val=1, seed=0,
                                     signal_tokens={"image": ["<a>", "<b>"]})
     text = custom["dialogues_train"].read_text()
+    assert "<a><b>" in text  # (with fewer rows no image request may be drawn at all)
     assert "[AUD0]" not in text and "[IMG0]" not in text
 
 

@@ -337,8 +337,13 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     assert _changed(_tiny().model.state_dict(), a)  # and training did change something
 
 
-def test_resume_without_checkpoint_says_how_to_fix(tmp_path):
+def test_resume_without_checkpoint_says_how_to_fix(data, tmp_path):
     from anygpt.alignment.checkpointing import latest_checkpoint
+    from anygpt.alignment.recipe import train
+
+    with pytest.raises(ConfigError, match=r"--resume: no checkpoint under .*checkpoints; train without "
+                                          r"--resume first, or set checkpoint\.every"):
+        train(_config(1, tmp_path / "run", data, "train.max_steps=2", "data.val=null"), resume=True)
 
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / ".tmp-checkpoint-00000009").mkdir()  # an interrupted save is never picked

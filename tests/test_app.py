@@ -1,9 +1,13 @@
 """The Gradio chat app, driven through its named API with gradio_client on the tiny preset."""
 
+import contextlib
+import dataclasses
+import logging
 import os
 import socket
 import sys
 import threading
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -20,15 +24,24 @@ BOOM = "<<boom>>"
 
 
 class FlakyPipe:
-    """The tiny pipeline, except that a message containing BOOM makes ``stream`` raise."""
+    """The tiny pipeline, except that a message containing BOOM makes ``stream`` raise after its
+    first event, once the pipeline has added the message (so its rollback must undo that).
+
+    ``calls`` maps each message text to the keyword arguments ``stream`` got for it.
+    """
 
     def __init__(self, pipe):
         self.pipe, self.config, self.device = pipe, pipe.config, pipe.device
+        self.calls = {}
 
-    def stream(self, conversation, **kwargs):
-        if BOOM in conversation.turns[-1].text:
-            raise RuntimeError("decoder exploded")
-        yield from self.pipe.stream(conversation, **kwargs)
+    def stream(self, conversation, message=None, **kwargs):
+        self.calls[message] = kwargs
+        events = self.pipe.stream(conversation, message, **kwargs)
+        with contextlib.closing(events):
+            for event in events:
+                if BOOM in (message or ""):
+                    raise RuntimeError("decoder exploded")
+                yield event
 
 
 def _free_port() -> int:
@@ -43,10 +56,11 @@ def server(tiny_pipe, tmp_path_factory):
     from anygpt.app.server import launch
 
     out = tmp_path_factory.mktemp("app_out")
-    demo = build_app(FlakyPipe(tiny_pipe), output_dir=out, max_upload_mb=0.25)
+    pipe = FlakyPipe(tiny_pipe)
+    demo = build_app(pipe, output_dir=out, max_upload_mb=0.25)
     launch(demo, host="127.0.0.1", port=_free_port(), block=False)
     try:
-        yield demo.local_url, out
+        yield demo.local_url, out, pipe
     finally:
         demo.close()
 
@@ -61,9 +75,23 @@ def client_for(server):
     return Client(server[0], verbose=False, download_files=True)
 
 
-def test_image_in_image_out(server, media_files):
+@pytest.fixture
+def encoded(tiny_pipe, monkeypatch):
+    """The modalities the server's pipeline encodes during the test (each new session encodes anew)."""
+    calls = []
+    original = tiny_pipe.model.encode_media
+
+    def counting(modality, batch):
+        calls.append(modality)
+        return original(modality, batch)
+
+    monkeypatch.setattr(tiny_pipe.model, "encode_media", counting)
+    return calls
+
+
+def test_image_in_image_out(server, media_files, encoded):
     text, files = ask(client_for(server), "What is this? Draw one.", [media_files["image"]], "image", seed=0)
-    assert isinstance(text, str)
+    assert isinstance(text, str) and encoded == ["image"]
     names = [os.path.basename(f) for f in files]
     assert "image_0.png" in names  # forced; the random LLM may add other media of its own
     with Image.open(files[names.index("image_0.png")]) as image:
@@ -71,16 +99,18 @@ def test_image_in_image_out(server, media_files):
         assert image.format == "PNG" and image.size[0] > 0
 
 
-def test_audio_in_audio_out(server, media_files):
+def test_audio_in_audio_out(server, media_files, encoded):
     text, files = ask(client_for(server), "Listen and answer with a sound.", [media_files["audio"]], "audio")
+    assert encoded == ["audio"]
     names = [os.path.basename(f) for f in files]
     assert "audio_0.wav" in names
     data, rate = sf.read(files[names.index("audio_0.wav")])
     assert rate > 0 and len(data) > 0 and np.isfinite(data).all()
 
 
-def test_video_in_video_out(server, media_files, tiny_pipe):
+def test_video_in_video_out(server, media_files, tiny_pipe, encoded):
     text, files = ask(client_for(server), "Watch this, then make a clip.", [media_files["video"]], "video")
+    assert encoded == ["video"]
     names = [os.path.basename(f) for f in files]
     assert "video_0.mp4" in names
     with av.open(files[names.index("video_0.mp4")]) as container:
@@ -89,9 +119,10 @@ def test_video_in_video_out(server, media_files, tiny_pipe):
 
 
 def test_media_are_written_under_session_and_turn(server, media_files):
+    before = set(server[1].glob("*/*/image_0.png"))  # earlier tests share the server's folder
     ask(client_for(server), "Draw.", output="image")
-    written = sorted(server[1].glob("*/*/image_0.png"))
-    assert written, "no image under output_dir/<session>/<turn>/"
+    written = set(server[1].glob("*/*/image_0.png")) - before
+    assert len(written) == 1, "no new image under output_dir/<session>/<turn>/"
 
 
 def test_later_turns_reuse_encodings(server, media_files, tiny_pipe, monkeypatch):
@@ -174,11 +205,214 @@ def test_engine_failure_leaves_the_conversation_unchanged(tiny_pipe, tmp_path, m
     bad.write_bytes(b"\x00" * 100)
     states = list(run_turn(tiny_pipe, session, UserMessage("and this?", [str(bad)]), output_dir=tmp_path))
     assert states[-1].error and "bad.mp4" in states[-1].error
-    assert len(session.conversation.turns) == 2 and not session.conversation.pending
+    assert len(session.conversation.turns) == 2 and not session.conversation.pending()
     session.undo()  # drops the failed turn only
     assert len(session.conversation.turns) == 2
     assert session.undo().text == "hi"
-    assert session.conversation.turns == [] and len(session.turns) == 0
+    assert session.conversation.turns == () and len(session.turns) == 0
+
+
+def test_engine_rolls_back_a_turn_that_fails_mid_stream(tiny_pipe, tmp_path):
+    from anygpt.app.engine import run_turn
+    from anygpt.app.session import ChatSession, UserMessage
+
+    pipe, session = FlakyPipe(tiny_pipe), ChatSession()
+    assert list(run_turn(pipe, session, UserMessage("hi"), output_dir=tmp_path))[-1].done
+    turns = session.conversation.turns
+    state = list(run_turn(pipe, session, UserMessage(f"now {BOOM}"), output_dir=tmp_path))[-1]
+    assert state.error == "generation failed (RuntimeError: decoder exploded)" and not state.done
+    assert session.conversation.turns == turns  # the pipeline added the message, then rolled it back
+
+    # A consumer that stops early (a cancelled browser turn) leaves the conversation as it was.
+    stream = run_turn(pipe, session, UserMessage("a long answer"), output_dir=tmp_path)
+    next(stream)
+    stream.close()
+    assert session.conversation.turns == turns and session.turns[-1][1].error == "stopped"
+    session.undo()  # the stopped turn is not in the conversation: undo drops only its display
+    assert session.conversation.turns == turns
+
+
+def _stub(tiny_pipe, inputs, outputs, events=()):
+    """A pipeline stub reading ``inputs`` and writing ``outputs``; ``stream`` yields ``events``."""
+    def stream(conversation, message=None, **kwargs):
+        with conversation.atomic():
+            conversation.add_user(message, kwargs.get("media"))
+            yield from events
+            conversation.add_assistant("done")
+
+    config = SimpleNamespace(name="stub", input_modalities=list(inputs), output_modalities=list(outputs),
+                             generation=tiny_pipe.config.generation)
+    return SimpleNamespace(config=config, device="cpu", stream=stream)
+
+
+@pytest.mark.parametrize("message, output, error, pattern", [
+    ("   ", "auto", "ConfigError", r"empty message"),
+    ("Make a clip.", "video", "ConfigError", r"unknown output choice 'video'; this model offers auto, image"),
+    ("Hear this.", "auto", "MediaError", r"tone\.wav: this model does not read audio input \(\.wav\); "
+                                         r"attach an image \(\.png, "),
+])
+def test_bad_input_errors_are_typed(tiny_pipe, media_files, tmp_path, caplog, message, output, error, pattern):
+    from anygpt.app.engine import run_turn
+    from anygpt.app.session import ChatSession, UserMessage
+
+    wav = tmp_path / "tone.wav"
+    wav.write_bytes(media_files["audio"].read_bytes())
+    files = [str(wav)] if "Hear" in message else []
+    session = ChatSession()
+    with caplog.at_level(logging.INFO, logger="anygpt.app.engine"):
+        state = list(run_turn(_stub(tiny_pipe, ["image"], ["image"]), session, UserMessage(message, files),
+                              output_dir=tmp_path, output=output))[-1]
+    import re
+
+    assert re.search(pattern, state.error) and session.conversation.turns == ()
+    assert f"turn rejected ({error})" in caplog.text
+
+
+def _blocks(demo, kind):
+    import gradio as gr
+
+    return [b for b in demo.blocks.values() if type(b) is getattr(gr, kind)]
+
+
+def _api_parameters(demo):
+    return demo.get_api_info()["named_endpoints"]["/chat"]["parameters"]
+
+
+def test_settings_controls_and_api_parameters_are_the_declared_options(tiny_pipe, tmp_path, monkeypatch):
+    from anygpt.app import chat
+    from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
+    from anygpt.options import Option
+
+    declared = [o for o in (*SAMPLING_OPTIONS, *DECODE_OPTIONS) if o.ui is not None or o.name == "seed"]
+    demo = chat.build_app(tiny_pipe, output_dir=tmp_path)
+    params = _api_parameters(demo)
+    names = [p["parameter_name"] for p in params]
+    assert names == ["message", "output", *(o.name for o in declared)]
+    # gradio_client callers use the pipeline's keyword names; the old UI-only names are gone
+    assert {"max_new_tokens", "temperature", "top_p", "seed", "steps", "guidance", "height", "width",
+            "num_frames", "fps", "audio_length_s"} <= set(names)
+    assert not {"image_size", "video_frames", "audio_length"} & set(names)
+
+    # Defaults: sampling sliders the preset's values (tiny's differ from the options' defaults),
+    # decode sliders 0 ("preset default", said in the label), the seed -1 (random).
+    generation, decode = tiny_pipe.config.generation, {o.name for o in DECODE_OPTIONS}
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
+    for opt in declared:
+        expected = -1 if opt.name == "seed" else 0 if opt.name in decode else getattr(generation, opt.name)
+        assert defaults[opt.name] == expected, opt.name
+    sliders = _blocks(demo, "Slider")
+    assert len(sliders) == sum(o.ui is not None for o in declared)
+    for opt, slider in zip([o for o in declared if o.ui is not None], sliders):
+        assert (slider.minimum, slider.maximum, slider.step) == opt.ui, opt.name
+        assert ("preset default" in slider.label) == (opt.name in decode), slider.label
+    assert [n.label for n in _blocks(demo, "Number")] == ["Seed (-1: random)"]
+
+    # Declaring an option is all it takes to get a control and an API parameter.
+    extra = Option(name="noise", type=float, default=None, help="decoder noise", ui=(0, 1, 0.1), nullable=True)
+    monkeypatch.setattr(chat, "DECODE_OPTIONS", (*DECODE_OPTIONS, extra))
+    demo = chat.build_app(tiny_pipe, output_dir=tmp_path)
+    assert [p["parameter_name"] for p in _api_parameters(demo)] == [*names, "noise"]
+    slider = _blocks(demo, "Slider")[-1]
+    assert (slider.minimum, slider.maximum, slider.value) == (0, 1, 0) and "preset default" in slider.label
+    assert chat.ui_settings([24, 1.0, 1.0, -1, 0, 0, 0, 0, 0, 0, 0, 0.3])["noise"] == 0.3
+
+
+def test_ui_values_map_to_pipeline_settings():
+    from anygpt.app.chat import control_options, ui_settings
+    from anygpt.config import DECODE_OPTIONS
+
+    options, decode = control_options(), {o.name for o in DECODE_OPTIONS}
+    # "preset default" everywhere: the seed -1 and every decode slider 0 become None
+    unset = ui_settings([-1 if o.name == "seed" else 0 if o.name in decode else o.ui[1] for o in options])
+    for opt in options:
+        if opt.name == "seed" or opt.name in decode:
+            assert unset[opt.name] is None, opt.name
+        else:
+            assert unset[opt.name] == opt.ui[1] and type(unset[opt.name]) is opt.type, opt.name
+    # set values are cast to the option's type (sliders send floats)
+    chosen = ui_settings([7.0 if o.name == "seed" else float(o.ui[2] or 1) for o in options])
+    assert chosen["seed"] == 7 and type(chosen["seed"]) is int
+    for opt in options:
+        assert chosen[opt.name] is not None and type(chosen[opt.name]) is opt.type, opt.name
+    with pytest.raises(ValueError, match="setting values"):
+        ui_settings([1, 2])
+
+
+def test_api_settings_reach_the_pipeline_by_name(server, tiny_pipe):
+    ask(client_for(server), "settings probe", max_new_tokens=3, top_p=0.5, seed=5, steps=1, height=0)
+    generation = tiny_pipe.config.generation
+    assert server[2].calls["settings probe"] == {
+        "media": {}, "outputs": (), "max_new_tokens": 3, "temperature": generation.temperature,
+        "top_p": 0.5, "seed": 5, "steps": 1}  # height 0 and the other decode settings: preset default
+
+
+def test_uploads_outputs_and_media_come_from_the_registry(tiny_pipe, tmp_path):
+    from anygpt.app.chat import build_app
+    from anygpt.modalities import get_modality
+
+    def suffixes(modalities):
+        return [s for m in modalities for s in get_modality(m).input_suffixes]
+
+    for pipe in (tiny_pipe, _stub(tiny_pipe, ["image"], ["audio"])):
+        demo = build_app(pipe, output_dir=tmp_path)
+        box = next(b for b in _blocks(demo, "MultimodalTextbox") if b.elem_id == "message")
+        assert box.file_types == suffixes(pipe.config.input_modalities)
+        radio = _blocks(demo, "Radio")[0]
+        assert [value for _, value in radio.choices] == ["auto", *pipe.config.output_modalities]
+    assert box.file_types == list(get_modality("image").input_suffixes)  # the stub reads images only
+
+
+@pytest.fixture
+def pointcloud():
+    """A modality the app has never heard of, registered for one test."""
+    from anygpt.modalities import ModalitySpec, register_modality, unregister_modality
+
+    def write(value, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value)
+        return path
+
+    spec = register_modality(ModalitySpec(
+        name="pointcloud", plural="pointclouds", noun="a point cloud", signal_prefix="PCD",
+        default_signal_tokens=4, encoder_input="depth", input_suffixes=(".ply",), output_suffix=".ply",
+        ui_component="NoSuchPointCloudViewer", rank=99, loader=lambda item: item,
+        preprocessor=lambda value, **geometry: None, writer=write))
+    try:
+        yield spec
+    finally:
+        unregister_modality("pointcloud")
+
+
+def test_a_new_modality_needs_no_app_edit(pointcloud, tiny_pipe, tmp_path):
+    import gradio as gr
+
+    from anygpt.app import chat
+    from anygpt.app.engine import run_turn
+    from anygpt.app.session import ChatSession, UserMessage
+    from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta
+
+    events = [TextDelta("Here:"), MediaStarted("pointcloud", 0), MediaSegment("pointcloud", "ply 1 2 3"),
+              GenerationOutput()]
+    pipe = _stub(tiny_pipe, ["image", "pointcloud"], ["pointcloud"], events)
+    demo = chat.build_app(pipe, output_dir=tmp_path)
+    assert ".ply" in _blocks(demo, "MultimodalTextbox")[0].file_types
+    assert "pointcloud" in [value for _, value in _blocks(demo, "Radio")[0].choices]
+    assert "a point cloud" in _blocks(demo, "Markdown")[0].value
+
+    upload = tmp_path / "scan.ply"
+    upload.write_text("ply")
+    session = ChatSession()
+    states = [dataclasses.replace(s, parts=[dataclasses.replace(p) for p in s.parts])
+              for s in run_turn(pipe, session, UserMessage("Scan this", [str(upload)]), output_dir=tmp_path,
+                                output="pointcloud")]
+    assert session.conversation.turns[0].media[0].modality == "pointcloud"
+    pending = chat._render_turn(UserMessage("Scan this"), states[1])[-1]["content"]
+    assert "making a point cloud" in pending[-1]
+    final = states[-1]
+    assert final.done and [os.path.basename(f) for f in final.files] == ["pointcloud_0.ply"]
+    assert open(final.files[0]).read() == "ply 1 2 3"
+    shown = chat._render_turn(UserMessage("Scan this"), final)[-1]["content"]
+    assert isinstance(shown[-1], gr.File)  # no such Gradio component: a file link
 
 
 def test_cli_parses_app_and_stays_light():
@@ -186,7 +420,7 @@ def test_cli_parses_app_and_stays_light():
 
     args = build_parser().parse_args(["app", "--preset", "tiny", "--port", "7999"])
     assert (args.command, args.model, args.host, args.port, args.share) == ("app", "tiny", "127.0.0.1", 7999, False)
-    code = "import sys, anygpt, anygpt.cli, app; assert 'gradio' not in sys.modules, 'gradio imported'"
+    code = "import sys, anygpt, anygpt.cli, anygpt.app; assert 'gradio' not in sys.modules, 'gradio imported'"
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -55,11 +55,16 @@ def test_nextgpt_checkpoint_maps_every_tensor(model, tmp_path):
     load_checkpoint(model, str(path))
 
     for name in ("image", "audio", "video"):  # one llama_proj shared by every input modality
-        assert torch.equal(model.input_projectors[name].proj.weight, state["llama_proj.weight"])
-    assert torch.equal(model.output_projectors["video"].query_embs, state["gen_text_hidden_fcs_video.0.query_embs"])
-    assert torch.equal(model.output_projectors["audio"].fc.weight, state["gen_text_hidden_fcs_audio.0.fc.weight"])
+        for suffix in ("weight", "bias"):
+            assert torch.equal(getattr(model.input_projectors[name].proj, suffix), state[f"llama_proj.{suffix}"])
+    for name, prefix in (("image", "gen_text_hidden_fcs.0."), ("video", "gen_text_hidden_fcs_video.0."),
+                         ("audio", "gen_text_hidden_fcs_audio.0.")):
+        for k, v in model.output_projectors[name].state_dict().items():
+            assert torch.equal(v, state[prefix + k]), prefix + k
     assert torch.equal(model.lm.model.get_input_embeddings().weight,
                        state["llama_model.base_model.model.model.embed_tokens.weight"])
+    assert torch.equal(model.lm.model.get_output_embeddings().weight,
+                       state["llama_model.base_model.model.lm_head.weight"])
     a = state["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = state["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     torch.testing.assert_close(model.lm.model.model.layers[0].self_attn.q_proj.weight, q_before + b @ a)

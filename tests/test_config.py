@@ -36,7 +36,7 @@ def _tiny_dict():
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: d["modalities"].update(smell={"num_signal_tokens": 2}), "unknown modality 'smell'; valid names: audio, image, video"),
     (lambda d: d["llm"].update(temprature=1), r"config.llm: unknown field\(s\) temprature"),
-    (lambda d: d["generation"].update(top_p=2.0), "generation.top_p: must be in"),
+    (lambda d: d["generation"].update(top_p=2.0), "generation.top_p: must be > 0 and <= 1"),
     (lambda d: d["generation"].update(max_new_tokens="many"), "generation.max_new_tokens: expected an integer"),
     (lambda d: d["modalities"]["image"].update(decoder=None), "modalities.image.decoder: required"),
     (lambda d: d["modalities"]["image"]["output_projector"].update(d_model=30, num_heads=4), "divisible by num_heads"),

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from anygpt import decoders
-from anygpt.config import DecoderConfig
+from anygpt.config import DecodeOptions, DecoderConfig
 from anygpt.errors import ConfigError, UnknownNameError, WeightsNotFoundError
+from anygpt.modalities import get_modality
+from anygpt.options import options_of
 from anygpt.types import Audio, Video
 
 NAMES = ["stable-diffusion", "audioldm", "text-to-video"]
@@ -174,6 +176,24 @@ def test_decode_size_options():
     assert clip.frames.shape == (2, 32, 32, 3) and clip.fps == 12.0
 
 
+def test_decode_options_are_the_declared_ones(decoder):
+    assert tuple(decoders.base.DECODE_OPTIONS) == tuple(opt.name for opt in options_of(DecodeOptions))
+    with pytest.raises(ConfigError, match="unknown decode option.*heigth; valid options: steps, guidance, height"):
+        decoder.decode(decoder.negative_condition, heigth=32)
+    with pytest.raises(ConfigError, match="'steps': must be >= 1, got 0"):
+        decoder.decode(decoder.negative_condition, steps=0)
+    with pytest.raises(ConfigError, match="'width': expected an integer, got 32.5"):
+        decoder.decode(decoder.negative_condition, width=32.5)
+
+
+def test_resolve_options_call_then_config_then_tiny_defaults():
+    video = decoders.load_decoder(tiny_config("text-to-video", fps=12))
+    resolved = video.resolve_options({"height": 32, "steps": None})
+    assert resolved == {"steps": STEPS, "guidance": GUIDANCE, "height": 32, "width": None, "num_frames": 4,
+                        "fps": 12.0, "audio_length_s": None}
+    assert video.resolve_options({"num_frames": 2})["num_frames"] == 2
+
+
 def test_decode_equals_the_pipeline_called_with_the_prompt(decoder, seed0_media):
     decode_sizes, pipeline_sizes = SIZES[decoder.name]
     reference = decoder.pipeline(
@@ -263,9 +283,105 @@ def test_denoising_loss_on_latents_for_every_decoder(decoder):
     assert torch.isfinite(loss) and condition.grad.abs().sum() > 0
 
 
-def test_denoising_loss_v_prediction_target():
-    decoder = decoders.load_decoder(tiny_config("stable-diffusion", arch={"prediction_type": "v_prediction"}))
-    assert decoder.noise_scheduler.config.prediction_type == "v_prediction"
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    loss = decoder.denoising_loss(decoder.negative_condition, latents, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss)
+class _OracleUNet:
+    """Stands in for the UNet's forward: predicts exactly what ``prediction_type`` asks for,
+    recovered from the noisy latents, the timesteps and the known clean latents."""
+
+    def __init__(self, scheduler, clean: torch.Tensor, kind: str):
+        self.scheduler, self.clean, self.kind = scheduler, clean, kind
+
+    def __call__(self, noisy, timesteps, **_conditioning):
+        alpha = self.scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - self.scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+        noise = (noisy - alpha * self.clean) / sigma
+        prediction = {"epsilon": noise, "v_prediction": alpha * noise - sigma * self.clean,
+                      "sample": self.clean}[self.kind]
+        return type("UNetOutput", (), {"sample": prediction})()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_denoising_loss_target_follows_the_prediction_type(kind, monkeypatch):
+    """A UNet that predicts the right target has zero loss; one that predicts another has not."""
+    decoder = decoders.load_decoder(tiny_config("stable-diffusion", arch={"prediction_type": kind}))
+    assert decoder.noise_scheduler.config.prediction_type == kind
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))  # not the noise's seed
+    condition = decoder.encode_text([CAPTION, "a dog"])
+    for predicted in ("epsilon", "v_prediction", "sample"):
+        oracle = _OracleUNet(decoder.noise_scheduler, latents, predicted)
+        monkeypatch.setattr(decoder.pipeline.unet, "forward", oracle)
+        loss = decoder.denoising_loss(condition, latents, generator=torch.Generator().manual_seed(0))
+        if predicted == kind:
+            assert loss.item() < 1e-6, (kind, loss.item())
+        else:
+            assert loss.item() > 1e-2, (kind, predicted, loss.item())
+
+
+def test_denoising_loss_on_training_samples_goes_down(decoder, media_files):
+    """Gradient steps on the conditioning (what the output projector learns) lower the loss of a
+    decoder's own training sample under fixed noise."""
+    sample = decoder.training_sample(get_modality(decoder.modality).load(media_files[decoder.modality]))[None]
+    condition = decoder.encode_text([CAPTION]).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([condition], lr=0.05)
+
+    def loss() -> torch.Tensor:
+        return decoder.denoising_loss(condition, sample, generator=torch.Generator().manual_seed(0))
+
+    first = loss().item()
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < first
+
+
+# Training samples ----------------------------------------------------------------------------
+
+
+def test_image_training_sample_is_the_bicubic_resize_in_unit_range(media_files):
+    from PIL import Image
+
+    decoder = decoders.load_decoder(tiny_config("stable-diffusion", height=32))
+    image = get_modality("image").load(media_files["image"])
+    sample = decoder.training_sample(image)
+    assert sample.shape == (3, 32, 64) and sample.dtype == torch.float32
+    pixels = np.asarray(image.convert("RGB").resize((64, 32), Image.BICUBIC))
+    expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    assert torch.equal(sample, expected)
+
+
+def test_video_training_sample_has_the_generated_frames_and_size(media_files):
+    decoder = decoders.load_decoder(tiny_config("text-to-video"))
+    clip = get_modality("video").load(media_files["video"])  # 6 frames of 48 × 64
+    sample = decoder.training_sample(clip)
+    assert sample.shape == (3, 4, 64, 64) and sample.min() >= -1 and sample.max() <= 1
+    short = decoder.training_sample(Video(frames=clip.frames[:1], fps=8.0))  # repeated to 4 frames
+    assert short.shape == (3, 4, 64, 64) and torch.equal(short[:, 0], short[:, 3])
+    assert decoder.training_sample(clip).shape == sample.shape  # deterministic
+    last = decoders.base.image_tensor(clip.frames[-1], (64, 64))
+    assert torch.equal(sample[:, -1], last)  # evenly spaced from the first to the last frame
+
+
+def test_audio_training_sample_is_the_vocoders_log_mel(media_files):
+    decoder = decoders.load_decoder(tiny_config("audioldm"))
+    vocoder = decoder.pipeline.vocoder.config
+    tone = get_modality("audio").load(media_files["audio"])  # 1 s of 440 Hz at 22.05 kHz
+    mel = decoder.training_sample(tone)
+    frames = int(decoder.pipeline.unet.config.sample_size) * decoder.pipeline.vae_scale_factor
+    assert mel.shape == (1, frames, vocoder.model_in_dim) == (1, 100, 16)
+    assert mel.min() >= np.log(1e-5) - 1e-4
+    # the loudest band is the one holding 440 Hz (Slaney mel scale, 0 Hz to Nyquist)
+    import torchaudio
+
+    bank = torchaudio.functional.melscale_fbanks(513, 0.0, 8000.0, 16, 16000, norm="slaney", mel_scale="slaney")
+    assert int(mel[0, 10:90].mean(0).argmax()) == int(bank[round(440 / 8000 * 512)].argmax())
+    # its length follows the decoder's audio length, whatever the input's
+    short = decoders.load_decoder(tiny_config("audioldm", audio_length_s=0.5))
+    assert short.training_sample(tone).shape == (1, 50, 16)
+    long = Audio(waveform=np.tile(tone.waveform, 3), sample_rate=tone.sample_rate)
+    assert decoder.training_sample(long).shape == mel.shape
+
+
+def test_training_samples_encode_with_the_decoders_vae(decoder, media_files):
+    sample = decoder.training_sample(get_modality(decoder.modality).load(media_files[decoder.modality]))
+    latents = decoder._latents(sample[None], torch.Generator().manual_seed(0))
+    assert latents.shape[1] == decoder.pipeline.unet.config.in_channels

@@ -197,8 +197,82 @@ def test_bad_inputs(encoder):
         encoder.encode("vision", torch.zeros(3, 224, 224))
 
 
+# --------------------------------------------------------------------------------------------
+# Preprocessing geometry comes from the arch
+# --------------------------------------------------------------------------------------------
+def test_preprocess_options_come_from_the_arch(encoder):
+    assert encoder.preprocess_options("vision") == {"image_size": 224, "frames_per_clip": 2}
+    assert encoder.preprocess_options("audio") == {"mel_bins": 128, "target_frames": 204}
+    assert encoder.preprocess_options("text") == {}
+    other = build_encoder(EncoderConfig(arch={**TINY_ARCH, "audio_num_mel_bins": 64,
+                                              "audio_target_len": 100}))
+    assert other.preprocess_options("audio") == {"mel_bins": 64, "target_frames": 100}
+    with pytest.raises(UnknownNameError, match="audio, text, vision"):
+        encoder.preprocess_options("depth")
+
+
+def _tone_file(path: Path, seconds: float = 2.5) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def short_audio_model():
+    """The tiny preset whose audio trunk is built for 100-frame clips (ImageBind: 204)."""
+    from anygpt.config import AnyGPTConfig
+    from anygpt.model import AnyGPTModel
+
+    config = AnyGPTConfig.from_name("tiny")
+    config.encoder.arch["audio_target_len"] = 100
+    return AnyGPTModel.from_config(config)
+
+
+def test_model_encodes_audio_files_at_the_encoders_target_length(short_audio_model, tmp_path):
+    from anygpt.modalities import get_modality
+
+    model = short_audio_model
+    path = _tone_file(tmp_path / "tone.wav")
+    embeddings = model.encode_items("audio", [path, path])
+    assert embeddings.shape == (2, model.encoder.output_dim)
+    torch.testing.assert_close(embeddings[0], embeddings[1])
+    # The same file at ImageBind's default geometry is what this encoder refuses.
+    default = get_modality("audio").preprocess(path)
+    assert default.shape[-1] == 204
+    with pytest.raises(ValueError, match="1, 128, 100"):
+        model.encode_media("audio", default[None])
+
+
+def test_model_encodes_images_and_videos_with_the_vision_options(short_audio_model, tmp_path):
+    from anygpt.testing import write_sample_media
+
+    files = write_sample_media(tmp_path)
+    model = short_audio_model
+    for modality in ("image", "video"):
+        assert model.encode_items(modality, [files[modality]]).shape == (1, model.encoder.output_dim)
+    with pytest.raises(ValueError, match="at least one"):
+        model.encode_items("image", [])
+
+
+def test_other_mel_bins_encode_end_to_end(tmp_path):
+    from anygpt.modalities import get_modality
+
+    enc = build_encoder(EncoderConfig(arch={**TINY_ARCH, "audio_num_mel_bins": 64, "audio_target_len": 100}))
+    spec = get_modality("audio")
+    clips = spec.preprocess(_tone_file(tmp_path / "tone.wav"), **enc.preprocess_options(spec.encoder_input))
+    assert clips.shape == (3, 1, 64, 100)
+    with torch.no_grad():
+        assert enc.encode(spec.encoder_input, clips[None]).shape == (1, 16)
+
+
 def test_huge_offline_without_cache_raises_without_network(monkeypatch, tmp_path):
-    def no_network(*args, **kwargs):
+    attempts = []
+
+    def no_network(*args, **kwargs):  # recorded: the loader turns any download error into its own
+        attempts.append(args)
         raise AssertionError("attempted a download")
 
     monkeypatch.setenv("ANYGPT_CACHE", str(tmp_path))
@@ -207,6 +281,7 @@ def test_huge_offline_without_cache_raises_without_network(monkeypatch, tmp_path
     with pytest.raises(WeightsNotFoundError) as info:
         build_encoder(EncoderConfig(pretrained="imagebind_huge"))
     message = str(info.value)
+    assert not attempts and "downloads are disabled" in message
     assert str(tmp_path / "imagebind" / "imagebind_huge.pth") in message
     assert IMAGEBIND_HUGE_URL in message
 

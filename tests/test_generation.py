@@ -3,7 +3,7 @@
 import torch
 
 from anygpt.generation import SamplingSettings, generate_stream
-from anygpt.llm import Turn
+from anygpt.turns import Turn
 
 
 def _run(lm, embeds, ids, settings, required=()):
@@ -85,4 +85,28 @@ def test_streamed_text_matches_final_pieces(tiny_pipe):
     embeds, ids = _prompt(tiny_pipe)
     deltas, result = _run(lm, embeds, ids, SamplingSettings(max_new_tokens=16, seed=0), required=("image",))
     assert "".join(deltas) == "".join(p for p in result.pieces if isinstance(p, str))
-    assert result.stop_reason in ("length", "eos", "stop_string")
+    # No stop string here: the answer ran to the token limit (forced runs come on top) or hit EOS.
+    forced = sum(len(lm.signal_ids[r.modality]) for r in result.runs if r.forced)
+    assert result.stop_reason == ("length" if len(result.token_ids) - forced == 16 else "eos")
+
+
+def test_eos_ends_the_answer_and_is_dropped(tiny_pipe):
+    lm = tiny_pipe.model.lm
+    embeds, ids = _prompt(tiny_pipe)
+    eos = next(iter(lm.eos_ids))
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        bias = torch.zeros(output.shape[-1])
+        bias[[ids[0] for ids in lm.signal_ids.values()]] = -1e4  # text only
+        bias[eos] = 1e4 if calls["n"] == 3 else -1e4  # two tokens, then EOS
+        return output + bias
+
+    handle = lm.model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        _, result = _run(lm, embeds, ids, SamplingSettings(max_new_tokens=20, do_sample=False))
+    finally:
+        handle.remove()
+    assert result.stop_reason == "eos"
+    assert len(result.token_ids) == 2 and eos not in result.token_ids

@@ -5,7 +5,8 @@ import torch
 
 from anygpt.config import LLMConfig
 from anygpt.errors import WeightsNotFoundError
-from anygpt.llm import LanguageModel, MediaRef, Turn, build_byte_level_tokenizer
+from anygpt.llm import LanguageModel, build_byte_level_tokenizer
+from anygpt.turns import MediaRef, Turn
 
 SIGNALS = {"image": [f"[IMG{i}]" for i in range(4)], "video": [f"[VID{i}]" for i in range(24)],
            "audio": [f"[AUD{i}]" for i in range(8)]}
@@ -74,8 +75,10 @@ def test_saved_llm_reloads_from_a_directory(lm, tmp_path):
     lm.tokenizer.save_pretrained(tmp_path)
     again = LanguageModel.from_config(LLMConfig(pretrained=str(tmp_path)), SIGNALS)
     assert again.signal_ids == lm.signal_ids
-    for a, b in zip(lm.model.state_dict().values(), again.model.state_dict().values()):
-        assert torch.equal(a, b)
+    saved, reloaded = lm.model.state_dict(), again.model.state_dict()
+    assert reloaded.keys() == saved.keys()  # zip alone would pass on a missing tensor
+    for name in saved:
+        assert torch.equal(saved[name], reloaded[name]), name
 
 
 def test_missing_llm_raises_weights_not_found(tmp_path):

@@ -1,4 +1,5 @@
-"""Media I/O: loading and validation, ImageBind preprocessing, writing.
+"""Media I/O: loading and validation, ImageBind preprocessing (at ImageBind's and at other
+geometries), writing, and the modality registry that dispatches to them.
 
 Every fixture is generated on the fly in ``tmp_path`` (Pillow, soundfile and PyAV write them);
 no binary file is committed.
@@ -7,6 +8,7 @@ no binary file is committed.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -22,6 +24,15 @@ from PIL import Image
 
 from anygpt import media
 from anygpt.errors import MediaError, UnknownNameError
+from anygpt.export import save_output
+from anygpt.modalities import (
+    MODALITIES,
+    ModalitySpec,
+    get_modality,
+    modality_for_suffix,
+    register_modality,
+    unregister_modality,
+)
 from anygpt.types import Audio, GenerationOutput, MediaSegment, TextSegment, Video
 
 RNG = np.random.default_rng(0)
@@ -282,7 +293,7 @@ def test_load_audio_rejects(tmp_path, name, make, fragments):
 def test_load_audio_duration_limit(tmp_path, monkeypatch):
     path = tmp_path / "long.wav"
     sf.write(path, tone(8000, 2.0), 8000)
-    monkeypatch.setattr(media, "MAX_AUDIO_SECONDS", 1.0)
+    monkeypatch.setattr(media.audio, "MAX_AUDIO_SECONDS", 1.0)
     assert_media_error(media.load_audio, path, "over the limit", "trim")
 
 
@@ -310,7 +321,7 @@ def test_load_video_samples_evenly(tmp_path, monkeypatch, seek):
     path = tmp_path / "long.mp4"
     write_test_video(path, "mp4", "libx264", n=120, fps=30, size=(16, 16))
     if seek:
-        monkeypatch.setattr(media, "SEEK_MIN_FRAMES", 50)
+        monkeypatch.setattr(media.video, "SEEK_MIN_FRAMES", 50)
     video = media.load_video(path, max_frames=10)
     assert 5 <= video.num_frames <= 10
     assert video.duration == pytest.approx(4.0, abs=0.2)  # the source's duration is preserved
@@ -396,17 +407,17 @@ def test_load_video_rejects_truncated_indexed_mp4(tmp_path, monkeypatch, seek):
         container.mux(stream.encode(None))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     if seek:
-        monkeypatch.setattr(media, "SEEK_MIN_FRAMES", 10)
+        monkeypatch.setattr(media.video, "SEEK_MIN_FRAMES", 10)
     assert_media_error(lambda p: media.load_video(p, max_frames=8), path, "truncated")
 
 
 def test_load_video_limits(tmp_path, monkeypatch):
     path = tmp_path / "clip.mp4"
     write_test_video(path, "mp4", "libx264", n=30, fps=10)
-    monkeypatch.setattr(media, "MAX_VIDEO_SECONDS", 2.0)
+    monkeypatch.setattr(media.video, "MAX_VIDEO_SECONDS", 2.0)
     assert_media_error(media.load_video, path, "over the limit", "trim")
-    monkeypatch.setattr(media, "MAX_VIDEO_SECONDS", 3600.0)
-    monkeypatch.setattr(media, "MAX_VIDEO_FRAME_PIXELS", 1000)
+    monkeypatch.setattr(media.video, "MAX_VIDEO_SECONDS", 3600.0)
+    monkeypatch.setattr(media.video, "MAX_VIDEO_FRAME_PIXELS", 1000)
     assert_media_error(media.load_video, path, "64x48", "downscale")
 
 
@@ -434,8 +445,8 @@ def test_image_to_encoder_input_matches_torchvision(size):
     tensor = media.image_to_encoder_input(image)
     assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
     torch.testing.assert_close(tensor, _torchvision_reference(image), rtol=0, atol=1e-6)
-    low = (0 - torch.tensor(media.CLIP_MEAN)) / torch.tensor(media.CLIP_STD)
-    high = (1 - torch.tensor(media.CLIP_MEAN)) / torch.tensor(media.CLIP_STD)
+    low = (0 - torch.tensor(media.image.CLIP_MEAN)) / torch.tensor(media.image.CLIP_STD)
+    high = (1 - torch.tensor(media.image.CLIP_MEAN)) / torch.tensor(media.image.CLIP_STD)
     assert (tensor.amin(dim=(1, 2)) >= low - 1e-5).all()
     assert (tensor.amax(dim=(1, 2)) <= high + 1e-5).all()
 
@@ -493,7 +504,7 @@ def test_audio_to_encoder_input_from_path(tmp_path):
 
 def _frame_level(tensor: torch.Tensor) -> torch.Tensor:
     """Undo CLIP normalisation of channel 0 and return grey levels 0..255 per (clip, frame)."""
-    pixels = tensor[:, 0].mean(dim=(-1, -2)) * media.CLIP_STD[0] + media.CLIP_MEAN[0]
+    pixels = tensor[:, 0].mean(dim=(-1, -2)) * media.image.CLIP_STD[0] + media.image.CLIP_MEAN[0]
     return pixels * 255
 
 
@@ -516,7 +527,7 @@ def test_video_to_encoder_input_crops():
     three = media.video_to_encoder_input(video, spatial_crops=3)
     assert centre.shape == (5, 3, 2, 224, 224) and three.shape == (15, 3, 2, 224, 224)
     torch.testing.assert_close(three[1::3], centre)
-    first_column = (three[:3, 0, 0, 0, 0] * media.CLIP_STD[0] + media.CLIP_MEAN[0]) * 255
+    first_column = (three[:3, 0, 0, 0, 0] * media.image.CLIP_STD[0] + media.image.CLIP_MEAN[0]) * 255
     expected = torch.tensor(frame[0, [0, 112, 224], 0], dtype=torch.float32)
     torch.testing.assert_close(first_column, expected, atol=1e-3, rtol=0)
 
@@ -527,6 +538,43 @@ def test_video_to_encoder_input_from_path(tmp_path):
     assert media.video_to_encoder_input(path).shape == (5, 3, 2, 224, 224)
 
 
+# The encoder's arch sets the geometry (ImageBindEncoder.preprocess_options); ImageBind's values
+# are only the defaults.
+
+
+def test_image_size_follows_the_argument_and_other_geometry_is_ignored():
+    image = Image.fromarray(noise_image(100, 300))
+    assert media.image_to_encoder_input(image, image_size=112).shape == (3, 112, 112)
+    # One vision options dict serves images and videos: the video-only key is ignored.
+    torch.testing.assert_close(media.image_to_encoder_input(image, image_size=224, frames_per_clip=7),
+                               media.image_to_encoder_input(image))
+
+
+def test_audio_geometry_follows_the_arguments():
+    audio = Audio(RNG.uniform(-0.5, 0.5, 48000).astype(np.float32), 16000)  # 3 s: 198 frames a clip
+    default = media.audio_to_encoder_input(audio)
+    cropped = media.audio_to_encoder_input(audio, mel_bins=128, target_frames=100)
+    assert cropped.shape == (3, 1, 128, 100)
+    torch.testing.assert_close(cropped, default[..., :100])  # the same fbank, cut at 100 frames
+    fewer_bins = get_modality("audio").preprocess(audio, mel_bins=64, target_frames=250, image_size=1)
+    assert fewer_bins.shape == (3, 1, 64, 250)
+    torch.testing.assert_close(fewer_bins[..., -1], torch.full((3, 1, 64), 4.268 / 9.138))  # padded
+    with pytest.raises(ValueError, match="target_frames must be a positive integer"):
+        media.audio_to_encoder_input(audio, target_frames=0)
+
+
+@pytest.mark.parametrize("count,offsets", [(1, [0]), (3, [0, 9, 19]), (4, [0, 6, 12, 19])])
+def test_video_frames_per_clip_follows_the_argument(count, offsets):
+    # As test_video_to_encoder_input_picks_imagebind_frames: clip i spans frames 16 i .. 16 i + 19.
+    frames = np.stack([np.full((12, 20, 3), i, np.uint8) for i in range(100)])
+    tensor = media.video_to_encoder_input(Video(frames, 10.0), frames_per_clip=count, image_size=112)
+    assert tensor.shape == (5, 3, count, 112, 112)
+    expected = torch.tensor([[16 * clip + k for k in offsets] for clip in range(5)], dtype=torch.float32)
+    torch.testing.assert_close(_frame_level(tensor), expected, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="frames_per_clip"):
+        media.video_to_encoder_input(Video(frames, 10.0), frames_per_clip=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +582,7 @@ def test_video_to_encoder_input_from_path(tmp_path):
 
 def test_write_image_png_round_trip(tmp_path):
     pixels = noise_image()
-    path = media.write_media("image", Image.fromarray(pixels), tmp_path / "sub" / "out.png")
+    path = get_modality("image").write(Image.fromarray(pixels), tmp_path / "sub" / "out.png")
     assert path.read_bytes().startswith(b"\x89PNG")
     np.testing.assert_array_equal(np.asarray(media.load_image(path)), pixels)
     media.write_image(np.zeros((4, 4, 4), np.uint8), tmp_path / "rgba.png")
@@ -544,7 +592,7 @@ def test_write_image_png_round_trip(tmp_path):
 @pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 2)])
 def test_write_audio_wav_round_trip(tmp_path, rate, channels):
     source = tone(rate, 0.75, channels).T.squeeze()
-    path = media.write_media("audio", Audio(source, rate), tmp_path / "out.wav")
+    path = get_modality("audio").write(Audio(source, rate), tmp_path / "out.wav")
     info = sf.info(path)
     assert (info.format, info.subtype) == ("WAV", "PCM_16")
     assert (info.samplerate, info.channels, info.frames) == (rate, channels, int(rate * 0.75))
@@ -562,7 +610,7 @@ def test_write_audio_clips_out_of_range(tmp_path):
 ])
 def test_write_video_mp4_exact_frames_and_fps(tmp_path, fps, frames, size):
     source = RNG.integers(0, 256, (frames, *size, 3), dtype=np.uint8)
-    path = media.write_media("video", Video(source, fps), tmp_path / "out.mp4")
+    path = get_modality("video").write(Video(source, fps), tmp_path / "out.mp4")
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         decoded = list(container.decode(stream))
@@ -575,33 +623,155 @@ def test_write_video_mp4_exact_frames_and_fps(tmp_path, fps, frames, size):
     assert loaded.num_frames == frames and loaded.fps == pytest.approx(fps, rel=1e-6)
 
 
-def test_write_media_rejects(tmp_path):
+def test_write_rejects(tmp_path):
     with pytest.raises(UnknownNameError, match="audio, image, video"):
-        media.write_media("hologram", None, tmp_path / "x")
+        get_modality("hologram")
     with pytest.raises(MediaError, match="PIL image"):
-        media.write_media("image", "not an image", tmp_path / "x.png")
+        get_modality("image").write("not an image", tmp_path / "x.png")
     with pytest.raises(MediaError, match="Audio"):
-        media.write_media("audio", np.zeros(10), tmp_path / "x.wav")
+        get_modality("audio").write(np.zeros(10), tmp_path / "x.wav")
     with pytest.raises(MediaError, match="no frames"):
-        media.write_media("video", Video(np.zeros((0, 4, 4, 3), np.uint8), 5), tmp_path / "x.mp4")
+        get_modality("video").write(Video(np.zeros((0, 4, 4, 3), np.uint8), 5), tmp_path / "x.mp4")
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(MediaError, match="cannot write"):
-        media.write_media("image", Image.new("RGB", (4, 4)), blocker / "x.png")
+        get_modality("image").write(Image.new("RGB", (4, 4)), blocker / "x.png")
+    assert not list(tmp_path.glob("x.*"))  # nothing half-written is left behind
 
 
-def test_generation_output_save_writes_every_modality(tmp_path):
+def test_save_output_writes_every_modality(tmp_path):
     output = GenerationOutput(segments=[
         TextSegment("here you go"),
         MediaSegment("image", Image.new("RGB", (8, 8), (1, 2, 3))),
         MediaSegment("audio", Audio(np.zeros(800, np.float32), 8000)),
         MediaSegment("video", Video(np.zeros((3, 8, 8, 3), np.uint8), 3.0), forced=True),
     ])
-    written = output.save(tmp_path)
+    written = save_output(output, tmp_path / "answer")
     assert [p.name for p in written] == ["image_0.png", "audio_0.wav", "video_0.mp4", "answer.json"]
+    assert all(p.parent == tmp_path / "answer" for p in written)
     assert media.load_image(written[0]).size == (8, 8)
     assert media.load_audio(written[1]).duration == pytest.approx(0.1)
     assert media.load_video(written[2]).num_frames == 3
+    answer = json.loads(written[3].read_text())
+    assert answer == {
+        "text": "here you go", "raw_text": "", "num_generated_tokens": 0, "timings": {},
+        "segments": [{"type": "text", "text": "here you go"},
+                     {"type": "image", "path": "image_0.png", "forced": False},
+                     {"type": "audio", "path": "audio_0.wav", "forced": False},
+                     {"type": "video", "path": "video_0.mp4", "forced": True}],
+    }
+    assert not hasattr(output, "save")  # output data types do no file I/O
+
+
+# ---------------------------------------------------------------------------------------------
+# The modality registry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_lists_the_modalities_in_rank_order():
+    specs = [get_modality(name) for name in MODALITIES]
+    assert [s.name for s in specs] == ["image", "audio", "video"]
+    assert [s.rank for s in specs] == [0, 1, 2]
+    assert [(s.plural, s.noun, s.signal_prefix, s.default_signal_tokens, s.encoder_input,
+             s.output_suffix, s.default_decoder, s.ui_component) for s in specs] == [
+        ("images", "an image", "IMG", 4, "vision", ".png", "stable-diffusion", "Image"),
+        ("audios", "an audio clip", "AUD", 8, "audio", ".wav", "audioldm", "Audio"),
+        ("videos", "a video", "VID", 24, "vision", ".mp4", "text-to-video", "Video"),
+    ]
+    assert get_modality("audio").signal_tokens() == [f"[AUD{i}]" for i in range(8)]
+    assert get_modality("image").signal_tokens(2) == ["[IMG0]", "[IMG1]"]
+
+
+def test_modality_for_suffix():
+    assert modality_for_suffix(".PNG").name == "image"
+    assert modality_for_suffix("wave").name == "audio"
+    assert modality_for_suffix(".m4v").name == "video"
+    assert modality_for_suffix(".txt") is None and modality_for_suffix("") is None
+    for name in MODALITIES:
+        spec = get_modality(name)
+        assert spec.output_suffix in spec.input_suffixes
+        assert all(modality_for_suffix(suffix) is spec for suffix in spec.input_suffixes)
+
+
+def test_load_refuses_a_suffix_the_modality_does_not_accept(tmp_path):
+    path = tmp_path / "photo.tiff"
+    Image.fromarray(noise_image()).save(path, format="PNG")  # readable content, wrong suffix
+    assert_media_error(get_modality("image").load, path, "unsupported image file type .tiff",
+                       "accepted: .png, .jpg, .jpeg, .webp, .gif, .bmp", "convert it to png")
+    assert_media_error(get_modality("audio").load, tmp_path / "clip.mp4", "unsupported audio file type .mp4",
+                       ".wav, .wave, .flac, .ogg, .oga, .opus, .mp3")
+    # Upper-case suffixes, suffix-less paths and loaded values reach the loader.
+    for name in ("PHOTO.PNG", "photo"):
+        (tmp_path / name).write_bytes(path.read_bytes())
+        assert get_modality("image").load(tmp_path / name).size == (64, 48)
+    assert get_modality("image").load(Image.new("RGB", (4, 4))).size == (4, 4)
+
+
+def test_load_accepts_every_listed_suffix_not_covered_above(tmp_path):
+    Image.fromarray(noise_image()).save(tmp_path / "a.jpeg", format="JPEG")
+    assert get_modality("image").load(tmp_path / "a.jpeg").size == (64, 48)
+    sf.write(tmp_path / "a.wave", tone(8000, 0.5), 8000, format="WAV")
+    sf.write(tmp_path / "a.oga", tone(16000, 0.5), 16000, format="OGG", subtype="VORBIS")
+    sf.write(tmp_path / "a.opus", tone(48000, 0.5), 48000, format="OGG", subtype="OPUS")
+    for name in ("a.wave", "a.oga", "a.opus"):
+        assert get_modality("audio").load(tmp_path / name).duration == pytest.approx(0.5, abs=0.05)
+    write_test_video(tmp_path / "a.m4v", "mp4", "libx264", n=6, fps=6)
+    assert get_modality("video").load(tmp_path / "a.m4v").num_frames == 6
+
+
+def _sketch_spec(**overrides) -> ModalitySpec:
+    """An input-only toy modality that ranks with audio."""
+    fields = dict(name="sketch", plural="sketches", noun="a sketch", signal_prefix="SKT",
+                  default_signal_tokens=2, encoder_input="vision", input_suffixes=(".sketch",),
+                  ui_component="Image", rank=1, loader=media.load_image,
+                  preprocessor=media.image_to_encoder_input)
+    return ModalitySpec(**{**fields, **overrides})
+
+
+def test_register_and_unregister_a_modality(tmp_path):
+    spec = register_modality(_sketch_spec())
+    try:
+        assert list(MODALITIES) == ["image", "audio", "sketch", "video"]  # after equal ranks
+        assert modality_for_suffix(".SKETCH") is spec and spec.signal_tokens() == ["[SKT0]", "[SKT1]"]
+        with pytest.raises(MediaError, match="input-only"):
+            spec.write(Image.new("RGB", (4, 4)), tmp_path / "x.sketch")
+        with pytest.raises(ValueError, match="already registered"):
+            register_modality(_sketch_spec(rank=5))
+    finally:
+        assert unregister_modality("sketch") is spec
+    assert list(MODALITIES) == ["image", "audio", "video"]
+    with pytest.raises(UnknownNameError, match="sketch"):
+        unregister_modality("sketch")
+
+
+def test_a_spec_is_checked_when_built():
+    with pytest.raises(ValueError, match="lower case with the dot"):
+        _sketch_spec(input_suffixes=(".Sketch",))
+    with pytest.raises(ValueError, match="output_suffix and writer"):
+        _sketch_spec(output_suffix=".png")
+
+
+def test_a_new_module_in_the_package_is_a_new_modality(tmp_path, monkeypatch):
+    import sys
+
+    import anygpt.modalities as package
+
+    (tmp_path / "sketch.py").write_text(
+        "from anygpt.media import image_to_encoder_input, load_image\n"
+        "from anygpt.modalities import ModalitySpec, register_modality\n"
+        "SPEC = register_modality(ModalitySpec(name='sketch', plural='sketches', noun='a sketch',"
+        " signal_prefix='SKT', default_signal_tokens=2, encoder_input='vision',"
+        " input_suffixes=('.sketch',), ui_component='Image', rank=9, loader=load_image,"
+        " preprocessor=image_to_encoder_input))\n")
+    (tmp_path / "_helper.py").write_text("raise AssertionError('private modules are not imported')\n")
+    monkeypatch.setattr(package, "__path__", [str(tmp_path)])
+    try:
+        package._import_spec_modules()
+        assert list(MODALITIES)[-1] == "sketch"
+    finally:
+        sys.modules.pop("anygpt.modalities.sketch", None)
+        if "sketch" in MODALITIES:
+            unregister_modality("sketch")
 
 
 def test_import_is_light():
@@ -624,5 +794,5 @@ def test_import_is_light():
 def test_png_signature_with_a_damaged_header_is_a_media_error(tmp_path):
     path = tmp_path / "damaged.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + b"\x01\x02")
-    with pytest.raises(media.MediaError, match="damaged.png"):
+    with pytest.raises(MediaError, match="damaged.png"):
         media.load_image(path)

@@ -3,7 +3,7 @@
 import torch
 
 from anygpt.conversation import Conversation
-from anygpt.llm import MediaRef, Turn
+from anygpt.turns import MediaRef, Turn
 
 
 def test_dialogue_labels_cover_only_answers(tiny_pipe):
@@ -23,7 +23,7 @@ def _image_turn(pipe, image, question: str, answer: str):
     pipe._encode_pending(conv)
     conv.add_assistant(answer)
     enc = pipe.model.lm.tokenize_dialogue(conv.turns, pipe.model.num_media_tokens())
-    return conv, enc, [(r.modality, conv.encodings[r.key]) for r in enc.media]
+    return conv, enc, [(r.modality, conv.encoding(r.key)) for r in enc.media]
 
 
 def test_forward_loss_and_signal_states_match_generation_path(tiny_pipe, media_files):
@@ -36,7 +36,7 @@ def test_forward_loss_and_signal_states_match_generation_path(tiny_pipe, media_f
     states = model.signal_states(out.hidden_states, enc.input_ids[None], "audio")
     assert states.shape == (1, 8, model.lm.hidden_size)
     # The inference embedding path gives the same input embeddings.
-    prompt_embeds = model.embed_prompt(enc, [conv.encodings[r.key] for r in enc.media])
+    prompt_embeds = model.embed_prompt(enc, [conv.encoding(r.key) for r in enc.media])
     torch.testing.assert_close(prompt_embeds, model.embed_inputs(enc.input_ids[None], enc.media_mask[None], media))
     cond = model.project_signals("audio", states)
     assert cond.shape == (1, *tiny_pipe.decoder("audio").condition_shape)

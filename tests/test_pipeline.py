@@ -11,6 +11,7 @@ from PIL import Image
 
 from anygpt import AnyGPTPipeline, Conversation, MediaError
 from anygpt.errors import ConfigError, ContextLengthError, UnknownNameError
+from anygpt.export import save_output
 from anygpt.types import MediaSegment, MediaStarted, TextDelta, TextSegment
 
 
@@ -19,7 +20,7 @@ def test_any_to_any_round_trip_on_disk(tiny_pipe, media_files, tmp_path):
                     images=[media_files["image"]], audios=[media_files["audio"]],
                     videos=[media_files["video"]], outputs=("image", "audio", "video"), seed=0)
     assert [s.modality for s in out.segments if isinstance(s, MediaSegment)] == ["image", "audio", "video"]
-    written = out.save(tmp_path)
+    written = save_output(out, tmp_path)
     names = [p.name for p in written]
     assert names == ["image_0.png", "audio_0.wav", "video_0.mp4", "answer.json"]
 
@@ -168,13 +169,30 @@ def test_stream_yields_text_then_media_then_output(tiny_pipe):
     assert conv.turns[-1].role == "assistant"
 
 
-def test_messages_api_places_media(tiny_pipe, media_files):
+def test_messages_api_places_media(tiny_pipe, media_files, monkeypatch):
+    """A message's media is encoded and its slots sit in that message, not elsewhere."""
+    seen = {}
+    original = tiny_pipe.model.embed_prompt
+
+    def spy(prompt, media_embeddings):
+        seen["prompt"], seen["media"] = prompt, media_embeddings
+        return original(prompt, media_embeddings)
+
+    monkeypatch.setattr(tiny_pipe.model, "embed_prompt", spy)
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Look: <image>", "images": [media_files["image"]]},
                 {"role": "assistant", "content": "A red square."},
                 {"role": "user", "content": "Now draw it"}]
     out = tiny_pipe(messages, outputs=("image",), seed=0)
     assert len(out.images) == 1
+    prompt, lm = seen["prompt"], tiny_pipe.model.lm
+    assert [ref.modality for ref in prompt.media] == ["image"] and len(seen["media"]) == 1
+    slots = prompt.media_mask.nonzero().flatten().tolist()
+    assert len(slots) == tiny_pipe.model.num_media_tokens()["image"]
+    before = lm.decode(prompt.input_ids[: slots[0]].tolist())
+    after = lm.decode(prompt.input_ids[slots[-1] + 1:].tolist())
+    assert "Be brief." in before and "Look:" in before and "A red square." not in before
+    assert "A red square." in after and "Now draw it" in after
 
 
 def test_bad_inputs_raise_clear_errors(tiny_pipe, tmp_path):

@@ -1,13 +1,21 @@
 """The video modality."""
 
-from anygpt.modalities import ModalitySpec, _register, lazy
+from anygpt.media.video import load_video, video_to_encoder_input, write_video
+from anygpt.modalities import ModalitySpec, register_modality
 
-SPEC = _register(ModalitySpec(
+SPEC = register_modality(ModalitySpec(
     name="video",
+    plural="videos",
+    noun="a video",
     signal_prefix="VID",
+    default_signal_tokens=24,
     encoder_input="vision",
-    extensions=(".mp4", ".webm", ".mov", ".mkv", ".avi"),
+    input_suffixes=(".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"),
+    output_suffix=".mp4",
     default_decoder="text-to-video",
-    load=lazy("anygpt.media", "load_video"),
-    preprocess=lazy("anygpt.media", "video_to_encoder_input"),
+    ui_component="Video",
+    rank=2,
+    loader=load_video,
+    preprocessor=video_to_encoder_input,
+    writer=write_video,
 ))
