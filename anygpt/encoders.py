@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anygpt.errors import ConfigError, UnknownNameError, WeightsNotFoundError
+from anygpt.paths import cache_dir
 from anygpt.registry import Registry
 
 if TYPE_CHECKING:
@@ -127,16 +128,8 @@ def _offline() -> bool:
 
 
 def imagebind_cache_path() -> Path:
-    """Where ``imagebind_huge.pth`` is kept: ``$ANYGPT_CACHE/imagebind/imagebind_huge.pth``.
-
-    ``ANYGPT_CACHE`` defaults to ``$XDG_CACHE_HOME/anygpt`` (``~/.cache/anygpt``).
-    """
-    root = os.environ.get("ANYGPT_CACHE")
-    if root:
-        base = Path(root).expanduser()
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "anygpt"
-    return base / "imagebind" / _HUGE_FILENAME
+    """Where ``imagebind_huge.pth`` is kept: ``imagebind/`` in :func:`anygpt.paths.cache_dir`."""
+    return cache_dir() / "imagebind" / _HUGE_FILENAME
 
 
 def _huge_checkpoint() -> Path:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,6 +231,67 @@ def test_stage2_denoising_loss_trains_the_image_projector(data, tmp_path):
     before, after = _tiny().model.output_projectors, _load(result.model_dir).model.output_projectors
     assert _changed(before["image"].state_dict(), after["image"].state_dict())
     assert not _changed(before["audio"].state_dict(), after["audio"].state_dict())
+
+
+def test_stage2_denoising_loss_trains_the_audio_and_video_projectors(data, tmp_path):
+    """Each decoder turns its own media into training samples (mel spectrograms, frame stacks);
+    the denoising loss trains only the chosen modalities' projectors and signal rows."""
+    from anygpt.alignment.recipe import train
+
+    config = _config(2, tmp_path, data, "train.max_steps=3", "train.batch_size=6", "loss.lm=0",
+                     "loss.condition_mse=0", "loss.denoising=1", "loss.denoising_modalities=[audio, video]",
+                     "data.val=null", "log.every=1", "optim.lr=1e-2")
+    result = train(config)
+    rows = (tmp_path / "logs" / "metrics.csv").read_text()
+    assert "train/denoising/audio" in rows and "train/denoising/video" in rows
+    assert "train/denoising/image" not in rows
+    before, after = _tiny().model, _load(result.model_dir).model
+    for modality in ("audio", "video"):
+        assert _changed(before.output_projectors[modality].state_dict(), after.output_projectors[modality].state_dict())
+    assert not _changed(before.output_projectors["image"].state_dict(), after.output_projectors["image"].state_dict())
+    assert not _changed(before.encoder.state_dict(), after.encoder.state_dict())
+    assert not _changed(before.input_projectors.state_dict(), after.input_projectors.state_dict())
+    llm_before, llm_after = before.lm.model.state_dict(), after.lm.model.state_dict()
+    frozen = torch.ones(llm_before["lm_head.weight"].shape[0], dtype=torch.bool)
+    frozen[_signal_ids(after)] = False
+    assert _changed(llm_before, llm_after) <= {"model.embed_tokens.weight", "lm_head.weight"}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(llm_before[name][frozen], llm_after[name][frozen]), f"{name}: a frozen row moved"
+
+
+def test_denoising_media_targets_come_from_each_decoders_training_sample(data):
+    from PIL import Image
+
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.objective import MediaTargets
+    from anygpt.modalities import get_modality
+
+    pipe = _tiny()
+    decoders = {m: pipe.decoder(m) for m in ("image", "audio", "video")}
+    rows = read_manifest(data["captions_val"])
+    targets = MediaTargets(rows, decoders)
+    shapes = {"image": (3, 64, 64), "audio": (1, 100, 16), "video": (3, 4, 64, 64)}
+    for modality, decoder in decoders.items():
+        row = next(r for r in rows if r.media.get(modality))
+        assert targets.has(modality, row.caption)
+        assert not targets.has(modality, "a caption nobody wrote")
+        batch = targets.get(modality, [row.caption, row.caption], torch.device("cpu"))
+        assert batch.shape == (2, *shapes[modality]) and batch.dtype == torch.float32
+        value = get_modality(modality).load(row.media[modality][0])
+        assert torch.equal(batch[0], decoder.training_sample(value))
+    # images are the bicubic resize in [-1, 1] that stage 2 has always used
+    row = next(r for r in rows if r.media.get("image"))
+    with Image.open(row.media["image"][0]) as image:
+        pixels = np.asarray(image.convert("RGB").resize((64, 64), Image.BICUBIC))
+    expected = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    assert torch.equal(targets.get("image", [row.caption], torch.device("cpu"))[0], expected)
+
+
+def test_denoising_modalities_are_checked_against_the_registry():
+    config = load_train_config(CONFIG_DIR / "stage2_decoding.yaml", ["loss.denoising_modalities=[audio, video]"])
+    assert config.loss.denoising_modalities == ["audio", "video"]
+    with pytest.raises(ConfigError, match="denoising_modalities: unknown modality name.*smell; valid: image, audio"):
+        load_train_config(CONFIG_DIR / "stage2_decoding.yaml", ["loss.denoising_modalities=[smell]"])
 
 
 # Stage 1: encoding-side alignment ---------------------------------------------------------------

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -262,8 +263,6 @@ def test_bad_input_errors_are_typed(tiny_pipe, media_files, tmp_path, caplog, me
     with caplog.at_level(logging.INFO, logger="anygpt.app.engine"):
         state = list(run_turn(_stub(tiny_pipe, ["image"], ["image"]), session, UserMessage(message, files),
                               output_dir=tmp_path, output=output))[-1]
-    import re
-
     assert re.search(pattern, state.error) and session.conversation.turns == ()
     assert f"turn rejected ({error})" in caplog.text
 

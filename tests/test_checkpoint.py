@@ -1,4 +1,5 @@
-"""Reading NExT-GPT's released checkpoint format (on a tiny model with the same key layout)."""
+"""Model directories: saving and reloading them, building models, and reading NExT-GPT's released
+checkpoint format (on a tiny model with the same key layout)."""
 
 import copy
 
@@ -91,3 +92,92 @@ def test_missing_checkpoint_names_the_reference(model, tmp_path):
         load_checkpoint(model, str(tmp_path / "nothing.pt"))
     with pytest.raises(WeightsNotFoundError, match="could not download"):
         load_checkpoint(model, "someone/some-repo:pytorch_model.pt")
+
+
+# Building and saving model directories ----------------------------------------------------------
+
+
+def test_from_pretrained_leaves_the_global_rng_alone():
+    from anygpt import AnyGPTPipeline
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    AnyGPTPipeline.from_pretrained("tiny")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def _decoders(pipe):
+    return {m: pipe.decoder(m) for m in pipe.config.output_modalities}
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tiny_pipe, tmp_path_factory):
+    """The tiny preset saved once: (directory, pipeline loaded back from it)."""
+    from anygpt import AnyGPTPipeline
+
+    directory = tiny_pipe.save_pretrained(tmp_path_factory.mktemp("saved") / "tiny")
+    return directory, AnyGPTPipeline.from_pretrained(directory)
+
+
+def test_save_writes_random_components_whole(saved_tiny, tiny_pipe):
+    from anygpt.config import AnyGPTConfig
+
+    directory, reloaded = saved_tiny
+    assert {p.name for p in directory.iterdir()} == {"anygpt_config.yaml", "projectors.safetensors", "llm",
+                                                     "encoder.safetensors", "decoders"}
+    assert {p.name for p in directory.parent.iterdir()} == {"tiny"}  # no staging folder left behind
+    config = AnyGPTConfig.from_file(directory / "anygpt_config.yaml")
+    assert config.llm.pretrained == "llm" and config.llm.arch is None and config.checkpoint is None
+    assert config.modalities["audio"].decoder.pretrained == "decoders/audio"
+    before, after = tiny_pipe.model.state_dict(), reloaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_references_an_llm_it_did_not_change_and_saves_a_changed_one(saved_tiny, tmp_path):
+    from anygpt.checkpoint import ADDED_TOKENS_FILE, save_model_directory
+    from anygpt.config import AnyGPTConfig
+
+    source, pipe = saved_tiny
+    referenced = save_model_directory(pipe.model, tmp_path / "ref", decoders=_decoders(pipe), base_dir=pipe.base_dir)
+    config = AnyGPTConfig.from_file(referenced / "anygpt_config.yaml")
+    assert config.llm.pretrained == str(source / "llm") and (referenced / ADDED_TOKENS_FILE).is_file()
+    assert config.encoder.pretrained == str(source / "encoder.safetensors")
+    assert config.modalities["image"].decoder.pretrained == str(source / "decoders" / "image")
+    assert not (referenced / "llm").exists() and not (referenced / "decoders").exists()
+
+    whole = save_model_directory(pipe.model, tmp_path / "whole", decoders={}, base_dir=pipe.base_dir, save_llm=True)
+    assert (whole / "llm" / "model.safetensors").is_file() and not (whole / ADDED_TOKENS_FILE).exists()
+    assert "pretrained: llm\n" in (whole / "anygpt_config.yaml").read_text()
+
+
+def test_save_over_the_directory_it_was_loaded_from(saved_tiny, tmp_path):
+    """Files the config references inside the directory being replaced are kept (copied over)."""
+    import shutil
+
+    from anygpt import AnyGPTPipeline
+    from anygpt.checkpoint import save_model_directory
+
+    directory = tmp_path / "model"
+    shutil.copytree(saved_tiny[0], directory)
+    pipe = AnyGPTPipeline.from_pretrained(directory)
+    with torch.no_grad():  # a trained projector
+        next(pipe.model.output_projectors["image"].parameters()).add_(1.0)
+    expected = pipe.model.state_dict()
+    save_model_directory(pipe.model, directory, decoders={}, base_dir=pipe.base_dir)
+    assert {p.name for p in tmp_path.iterdir()} == {"model"}
+    assert "pretrained: llm\n" in (directory / "anygpt_config.yaml").read_text()
+    again = AnyGPTPipeline.from_pretrained(directory).model.state_dict()
+    assert all(torch.equal(expected[k], again[k]) for k in expected)
+
+
+def test_save_refuses_to_replace_other_folders_or_drop_random_decoders(tiny_pipe, tmp_path):
+    from anygpt.checkpoint import save_model_directory
+    from anygpt.errors import ConfigError
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an AnyGPT model directory"):
+        save_model_directory(tiny_pipe.model, tmp_path, decoders=_decoders(tiny_pipe), base_dir=None)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="image decoder was built from `arch`.*pass it in `decoders`"):
+        save_model_directory(tiny_pipe.model, tmp_path / "model", decoders={}, base_dir=None)
+    assert list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]  # nothing half-written is left
