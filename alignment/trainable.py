@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from anygpt.errors import ConfigError
+from anygpt.seeding import seeded
 
 from anygpt.alignment.config import ALL, LoraConfig, TrainableConfig
 
@@ -162,8 +163,8 @@ def configure_trainable(model: "AnyGPTModel", config: TrainableConfig, seed: int
     model.requires_grad_(False)
     result = TrainableParameters()
     if config.lora is not None:
-        torch.manual_seed(seed)
-        result.peft_model = _inject_lora(model, config.lora)
+        with seeded(seed):  # LoRA's initialisation, without touching the global random state
+            result.peft_model = _inject_lora(model, config.lora)
     for group, modules in (("input_projectors", model.input_projectors),
                            ("output_projectors", model.output_projectors)):
         chosen = _modalities(getattr(config, group), modules, f"trainable.{group}")

@@ -178,11 +178,12 @@ class _DirectoryWriter:
             return str(path)
         relative = path.relative_to(self.destination)
         target = self.staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            shutil.copytree(path, target)
-        else:
-            shutil.copy2(path, target)
+        if not target.exists():  # two references (the LLM and its tokenizer) may name one folder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                shutil.copytree(path, target)
+            else:
+                shutil.copy2(path, target)
         return relative.as_posix()
 
 

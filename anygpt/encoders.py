@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from anygpt.errors import ConfigError, UnknownNameError, WeightsNotFoundError
 from anygpt.paths import cache_dir
 from anygpt.registry import Registry
+from anygpt.seeding import seeded
 
 if TYPE_CHECKING:
     from anygpt.config import EncoderConfig
@@ -300,8 +301,7 @@ class ImageBindEncoder(nn.Module):
     @classmethod
     def _random(cls, model_cls: type, arch: Mapping[str, Any], seed: int) -> ImageBindEncoder:
         resolved = _resolve_arch(model_cls, arch)
-        with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG alone
-            torch.manual_seed(seed)
+        with seeded(seed):  # leaves the caller's random state alone
             model = _construct(model_cls, resolved)
         encoder = cls(model, resolved)
         logger.info("Built ImageBind encoder with random weights (seed %d, %.2f M parameters)",

@@ -17,6 +17,7 @@ import torch
 
 from anygpt.config import SamplingSettings
 from anygpt.llm import LanguageModel
+from anygpt.seeding import fresh_seed
 
 __all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream"]
 
@@ -144,7 +145,7 @@ def generate_stream(
     stops = list(settings.stop_strings) + lm.stop_strings
     eos = lm.eos_ids
     gen = torch.Generator(device=device)
-    gen.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    gen.manual_seed(settings.seed if settings.seed is not None else fresh_seed())
     result = LLMResult()
     history = prompt_ids.to(device).tolist()
     text = _TextStream(lm, stops)

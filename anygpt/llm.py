@@ -23,6 +23,7 @@ from anygpt.config import LLMConfig
 from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, ContextLengthError, WeightsNotFoundError
 from anygpt.paths import cache_dir, resolve_path
+from anygpt.seeding import seeded
 from anygpt.turns import MediaRef, Turn
 
 if TYPE_CHECKING:
@@ -374,8 +375,7 @@ def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_di
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"llm.arch: {exc}") from None
         # Seed the CPU generator for the random weights without touching the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(config.seed)
+        with seeded(config.seed):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
         source, kwargs = _resolve_source(config, base_dir)

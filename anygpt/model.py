@@ -21,6 +21,7 @@ from anygpt.llm import LanguageModel, PromptInputs
 from anygpt.modalities import get_modality
 from anygpt.paths import resolve_path
 from anygpt.projectors import OutputProjector, build_input_projector
+from anygpt.seeding import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ class AnyGPTModel(nn.Module):
         lm = LanguageModel.from_config(config.llm, signal_tokens, base_dir=base_dir)
         # The projectors' random initialisation is seeded on a forked CPU generator, so building
         # a model leaves the caller's random state as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(config.seed)
+        with seeded(config.seed):
             inputs = nn.ModuleDict({
                 name: build_input_projector(m.input_projector, encoder.output_dim, lm.hidden_size)
                 for name, m in config.modalities.items() if m.has_input

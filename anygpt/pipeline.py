@@ -74,7 +74,10 @@ class AnyGPTPipeline:
         """Write a self-contained model directory that :meth:`from_pretrained` reloads exactly."""
         from anygpt.checkpoint import save_model_directory
 
-        decoders = {m: self.decoder(m) for m in self.config.output_modalities}
+        # Only decoders built from `arch` exist nowhere else; pretrained ones stay references
+        # (and are not loaded just to be saved).
+        decoders = {m: self.decoder(m) for m in self.config.output_modalities
+                    if self.config.modalities[m].decoder.pretrained is None}
         return save_model_directory(self.model, Path(directory), decoders=decoders, base_dir=self.base_dir)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AnyGPTPipeline":

@@ -178,7 +178,7 @@ def run_once(preset: str, args, profile_dir: Path | None = None, run_index: int 
     import torch
 
     from anygpt import AnyGPTPipeline
-    from anygpt.llm import cache_dir
+    from anygpt.paths import cache_dir
 
     import_s = time.perf_counter() - t0  # torch + anygpt (anygpt itself is light by design)
     torch.set_num_threads(args.threads)

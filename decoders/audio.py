@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anygpt.seeding import seeded
 from anygpt.types import Audio
 from anygpt.decoders import tiny
 from anygpt.decoders.base import Decoder, register
@@ -88,7 +89,7 @@ class AudioLDMDecoder(Decoder):
             resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
             normalize_before=False,
         )
-        with tiny.seeded(seed):
+        with seeded(seed):
             vocoder = SpeechT5HifiGan(vocoder_config)
         return {
             "unet": unet,

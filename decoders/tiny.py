@@ -13,20 +13,18 @@ without merges for CLAP.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from anygpt.errors import WeightsNotFoundError
+from anygpt.seeding import seeded
 
 __all__ = [
-    "seeded",
     "clip_tokenizer",
     "byte_level_roberta_tokenizer",
     "clip_text_config",
@@ -72,18 +70,6 @@ CLIP_TINY_ARCH: dict[str, Any] = {
     "latent_channels": 4,
     "prediction_type": "epsilon",
 }
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block with the CPU generator seeded with ``seed``, restoring its state afterwards.
-
-    Only the CPU generator is seeded (not ``torch.manual_seed``, which also reseeds every CUDA
-    generator): the components are built on the CPU, and the caller's random state stays as it was.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        yield
 
 
 # Tokenizers --------------------------------------------------------------------------------

@@ -45,3 +45,24 @@ def test_presets_lists_components(capsys):
     assert "nextgpt-7b:" in out and "runwayml/stable-diffusion-v1-5" in out and "tiny:" in out
     assert main(["presets", "--show", "tiny"]) == 0
     assert "name: tiny" in capsys.readouterr().out
+
+
+def test_generate_has_one_flag_per_declared_setting_and_modality(monkeypatch):
+    from anygpt import cli
+    from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
+    from anygpt.modalities import MODALITIES
+    from anygpt.options import Option
+
+    def generate_flags() -> set[str]:
+        sub = next(a for a in cli.build_parser()._actions if a.dest == "command")  # noqa: SLF001
+        return {flag for action in sub.choices["generate"]._actions for flag in action.option_strings}
+
+    flags = generate_flags()
+    for opt in (*SAMPLING_OPTIONS, *DECODE_OPTIONS):
+        assert (opt.false_flag or opt.cli_flag) in flags, opt.name
+    assert {f"--{m}" for m in MODALITIES} <= flags
+    extra = Option(name="shift", type=float, default=None, help="a new decoder setting", nullable=True)
+    monkeypatch.setattr(cli, "DECODE_OPTIONS", (*DECODE_OPTIONS, extra))
+    assert "--shift" in generate_flags()
+    args = cli.build_parser().parse_args(["generate", "hi", "--shift", "0.5", "--greedy", "--audio-length", "2"])
+    assert (args.shift, args.do_sample, args.audio_length_s, args.temperature) == (0.5, False, 2.0, None)
