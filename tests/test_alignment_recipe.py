@@ -170,6 +170,7 @@ def test_stage2_aligns_held_out_conditioning(stage2, data):
     assert result.metrics["eval/condition_cosine/image"] == pytest.approx(after["cosine/image"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_stage2_changes_only_output_projectors_and_signal_rows(stage2):
     result, _, _, _ = stage2
     before, after = _tiny().model, _load(result.model_dir).model
@@ -187,6 +188,7 @@ def test_stage2_changes_only_output_projectors_and_signal_rows(stage2):
         assert not torch.equal(llm_before[name][signal], llm_after[name][signal]), f"{name}: signal rows did not train"
 
 
+@pytest.mark.slow
 def test_stage2_never_encodes_text_per_step(stage2):
     result, _, calls, steps = stage2
     # every caption was encoded once into the cache before training, not once per step
@@ -204,6 +206,7 @@ def _all_captions(output_dir: Path) -> list[str]:
     return captions
 
 
+@pytest.mark.slow
 def test_stage2_writes_checkpoints_logs_and_config(stage2):
     result, _, _, _ = stage2
     output = result.model_dir.parent
@@ -345,6 +348,7 @@ def test_stage3_emits_the_requested_signal_run(data, tmp_path):
     assert any("q_proj" in k for k in changed) and not any("norm" in k for k in changed)
 
 
+@pytest.mark.slow
 def test_lora_on_a_referenced_llm_is_saved_merged_and_whole(stage2, data, tmp_path):
     """Stage 3 from a model directory whose LLM is referenced by path (like a hub LLM): the
     merged LLM is written whole into the new directory, which reloads with the trained weights."""
@@ -437,6 +441,7 @@ def test_two_process_cpu_run_trains_and_checkpoints(data, tmp_path):
     _load(out / "model")
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_metrics(stage2, data, tmp_path, capsys):
     from anygpt.cli import main
 

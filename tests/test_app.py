@@ -100,6 +100,7 @@ def test_image_in_image_out(server, media_files, encoded):
         assert image.format == "PNG" and image.size[0] > 0
 
 
+@pytest.mark.slow
 def test_audio_in_audio_out(server, media_files, encoded):
     text, files = ask(client_for(server), "Listen and answer with a sound.", [media_files["audio"]], "audio")
     assert encoded == ["audio"]
@@ -109,6 +110,7 @@ def test_audio_in_audio_out(server, media_files, encoded):
     assert rate > 0 and len(data) > 0 and np.isfinite(data).all()
 
 
+@pytest.mark.slow
 def test_video_in_video_out(server, media_files, tiny_pipe, encoded):
     text, files = ask(client_for(server), "Watch this, then make a clip.", [media_files["video"]], "video")
     assert encoded == ["video"]
@@ -119,6 +121,7 @@ def test_video_in_video_out(server, media_files, tiny_pipe, encoded):
     assert len(frames) == tiny_pipe.config.modalities["video"].decoder.num_frames
 
 
+@pytest.mark.slow
 def test_media_are_written_under_session_and_turn(server, media_files):
     before = set(server[1].glob("*/*/image_0.png"))  # earlier tests share the server's folder
     ask(client_for(server), "Draw.", output="image")
@@ -126,6 +129,7 @@ def test_media_are_written_under_session_and_turn(server, media_files):
     assert len(written) == 1, "no new image under output_dir/<session>/<turn>/"
 
 
+@pytest.mark.slow
 def test_later_turns_reuse_encodings(server, media_files, tiny_pipe, monkeypatch):
     calls = []
     original = tiny_pipe.model.encode_media
@@ -163,6 +167,7 @@ def bad_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unsupported", "corrupt", "too_large", "empty", "generation_failure"])
+@pytest.mark.slow
 def test_bad_input_is_an_error_and_the_app_keeps_serving(server, bad_inputs, case, media_files):
     (text, files), pattern = bad_inputs[case]
     client = client_for(server)
@@ -173,6 +178,7 @@ def test_bad_input_is_an_error_and_the_app_keeps_serving(server, bad_inputs, cas
     assert isinstance(answer, str) and "image_0.png" in [os.path.basename(f) for f in out_files]
 
 
+@pytest.mark.slow
 def test_eight_concurrent_clients(server, media_files):
     results, errors = [None] * 8, []
 

@@ -52,6 +52,8 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(tiny_pipe):
     assert greedy[0] == greedy[1]
     sampled = [_run(lm, embeds, ids, SamplingSettings(max_new_tokens=8, seed=5))[1].token_ids for _ in range(2)]
     assert sampled[0] == sampled[1]
+    # ...and the seed is the one given (an ignored or fixed seed would also reproduce)
+    assert _run(lm, embeds, ids, SamplingSettings(max_new_tokens=8, seed=6))[1].token_ids != sampled[0]
 
 
 def test_stop_string_ends_the_answer_and_is_not_emitted(tiny_pipe):

