@@ -12,8 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from anygpt.config import (CONFIG_FILENAME, DECODE_OPTIONS, PRESET_DIR, SAMPLING_OPTIONS, AnyGPTConfig,
-                           SamplingSettings)
+from anygpt.config import CONFIG_FILENAME, DECODE_OPTIONS, PRESET_DIR, AnyGPTConfig, SamplingSettings
 from anygpt.conversation import Conversation, MediaInputs
 from anygpt.errors import ConfigError, UnknownNameError
 from anygpt.generation import LLMResult, SignalRun, generate_stream
@@ -25,7 +24,6 @@ from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta
 logger = logging.getLogger(__name__)
 
 __all__ = ["AnyGPTPipeline"]
-
 
 
 class AnyGPTPipeline:
@@ -46,7 +44,6 @@ class AnyGPTPipeline:
         self.config: AnyGPTConfig = model.config
         self.base_dir = base_dir
         self._decoders: dict[str, Any] = {}
-        self._decoder_dtype: torch.dtype | None = None
         self.progress = True
 
     # Construction --------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from anygpt.errors import WeightsNotFoundError
 from anygpt.seeding import seeded

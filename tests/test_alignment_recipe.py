@@ -37,7 +37,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 def _config(stage: int, output: Path, data: dict[str, Path], *overrides: str) -> TrainConfig:
     kind = "captions" if stage in (1, 2) else "dialogues"
-    base = [f"model=tiny", f"output_dir={output}", "log.progress_bar=false", "eval.every=0",
+    base = ["model=tiny", f"output_dir={output}", "log.progress_bar=false", "eval.every=0",
             "checkpoint.every=0", f"data.train={data[kind + '_train']}", f"data.val={data[kind + '_val']}"]
     if stage == 3:
         base.append(f"data.decoding_train={data['captions_train']}")

@@ -3,7 +3,7 @@
 import torch
 
 from anygpt.conversation import Conversation
-from anygpt.turns import MediaRef, Turn
+from anygpt.turns import Turn
 
 
 def test_dialogue_labels_cover_only_answers(tiny_pipe):

@@ -12,7 +12,7 @@ from PIL import Image
 from anygpt import AnyGPTPipeline, Conversation, MediaError
 from anygpt.errors import ConfigError, ContextLengthError, UnknownNameError
 from anygpt.export import save_output
-from anygpt.types import MediaSegment, MediaStarted, TextDelta, TextSegment
+from anygpt.types import MediaSegment, TextDelta
 
 
 def test_any_to_any_round_trip_on_disk(tiny_pipe, media_files, tmp_path):
