@@ -483,20 +483,20 @@ def save_model(pipe: "AnyGPTPipeline", trainable: TrainableParameters, directory
     write a model directory that ``AnyGPTPipeline.from_pretrained`` loads.
 
     The main process writes it with :func:`anygpt.checkpoint.save_model_directory` (atomically:
-    a temporary sibling renamed into place). When LoRA changed an LLM that the directory would
-    otherwise only reference (a hub id or path), the merged LLM is saved in full under ``llm/``.
+    a temporary sibling renamed into place). When LoRA changed an LLM that the directory only
+    references (a hub id, a path or a package), the LoRA factors are saved (megabytes) and merged
+    again at load time, rather than the whole LLM.
     """
     from anygpt.checkpoint import save_model_directory
 
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    had_lora = trainable.peft_model is not None
-    merge_into_model(pipe.model, trainable)
+    lora = merge_into_model(pipe.model, trainable)
     if accelerator is None or accelerator.is_main_process:
         # Only decoders built from `arch` are written; pretrained ones are referenced, not loaded.
         decoders = {m: pipe.decoder(m) for m in pipe.config.output_modalities
                     if pipe.config.modalities[m].decoder.pretrained is None}
-        save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, save_llm=had_lora)
+        save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, llm_lora=lora)
         logger.info("saved the trained model to %s", directory)
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -218,17 +218,40 @@ def _inject_lora(model: "AnyGPTModel", config: LoraConfig) -> Any:
     return peft_model
 
 
-def merge_into_model(model: "AnyGPTModel", trainable: TrainableParameters) -> None:
+def merge_into_model(model: "AnyGPTModel", trainable: TrainableParameters) -> dict[str, tuple]:
     """Fold the signal-row offsets into the embedding matrices and merge LoRA into the LLM's
-    weights, leaving a plain model (the trainable set is empty afterwards)."""
+    weights, leaving a plain model (the trainable set is empty afterwards).
+
+    Returns:
+        The merged LoRA factors, ``module path → (A, B, scale)`` (empty without LoRA), so that a
+        saved model can store them instead of the whole LLM.
+    """
     if "signal_rows" in trainable.modules:
         trainable.modules["signal_rows"].fold()
         del trainable.modules["signal_rows"]
         trainable.groups.pop("signal_embeddings", None)
+    factors: dict[str, tuple] = {}
     if trainable.peft_model is not None:
+        factors = lora_factors(trainable.peft_model)
         merged = trainable.peft_model.merge_and_unload()
         model.lm.model = merged
         model.llm = merged
         trainable.groups.pop("lora", None)
         trainable.peft_model = None
         logger.info("merged LoRA adapters into the LLM")
+    return factors
+
+
+def lora_factors(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The LoRA factors of a PEFT model, by the wrapped model's module paths: ``(A, B, scale)``."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.base_model.model
+    factors = {}
+    for path, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                factors[path] = (module.lora_A[adapter].weight.detach().cpu().clone(),
+                                 module.lora_B[adapter].weight.detach().cpu().clone(),
+                                 float(module.scaling[adapter]))
+    return factors

@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_model_directory", "load_weights", "load_checkpoint", "convert_nextgpt_state_dict",
-           "PROJECTORS_FILE", "ADDED_TOKENS_FILE"]
+           "merge_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE", "LLM_LORA_FILE"]
 
 PROJECTORS_FILE = "projectors.safetensors"
 ADDED_TOKENS_FILE = "llm_added_tokens.safetensors"
+#: LoRA factors of an LLM the directory references: ``<module>.lora_A``, ``.lora_B``, ``.scale``.
+LLM_LORA_FILE = "llm_lora.safetensors"
 ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "llm"
 DECODERS_DIR = "decoders"
@@ -69,8 +71,13 @@ def added_token_state(model: "AnyGPTModel") -> dict[str, torch.Tensor]:
 # Saving -----------------------------------------------------------------------------------------
 
 
+#: LoRA factors by module path (``model.layers.0.self_attn.q_proj``): ``(A (r, in), B (out, r), scale)``;
+#: the module's weight is ``W + scale · B @ A``.
+LoraFactors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
 def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, decoders: Mapping[str, "Decoder"],
-                         base_dir: Path | None, save_llm: bool = False) -> Path:
+                         base_dir: Path | None, save_llm: bool = False, llm_lora: LoraFactors | None = None) -> Path:
     """Write ``model`` as a model directory that ``AnyGPTPipeline.from_pretrained`` reloads exactly.
 
     The directory is written into a temporary sibling folder, then renamed into place, so it is
@@ -84,8 +91,11 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         base_dir: the folder the model's config came from (its relative paths resolve there);
             None for presets.
         save_llm: write the whole LLM under ``llm/`` even when the config references it (its
-            weights changed, e.g. LoRA was merged). It is also written when it was randomly
-            initialised or changed by a NExT-GPT checkpoint.
+            weights changed). It is also written when it was randomly initialised or changed by
+            a NExT-GPT checkpoint.
+        llm_lora: LoRA factors already merged into the model's LLM. Where the LLM is referenced
+            (not written whole), they are written instead (megabytes, not the whole LLM) and
+            merged again when the directory is loaded.
 
     Returns:
         ``directory``.
@@ -104,7 +114,7 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         data = model.config.to_dict()
         data["checkpoint"] = None  # its weights are in the files written below
         writer.encoder(data["encoder"])
-        writer.llm(data["llm"], whole=save_llm or _llm_exists_nowhere_else(model))
+        writer.llm(data["llm"], whole=save_llm or _llm_exists_nowhere_else(model), lora=llm_lora)
         for name in model.config.output_modalities:
             writer.decoder(name, data["modalities"][name]["decoder"], decoders)
         writer.save_tensors(PROJECTORS_FILE, projector_state(model))
@@ -145,7 +155,7 @@ class _DirectoryWriter:
         elif cfg["pretrained"] != IMAGEBIND_HUGE:
             cfg["pretrained"] = self.reference(cfg["pretrained"])
 
-    def llm(self, cfg: dict[str, Any], whole: bool) -> None:
+    def llm(self, cfg: dict[str, Any], whole: bool, lora: LoraFactors | None) -> None:
         if whole:
             _write_llm_folder(self.model.lm, self.staging / LLM_DIR)
             cfg.update(pretrained=LLM_DIR, arch=None, tokenizer=None, gguf_file=None, local_package=None)
@@ -154,6 +164,8 @@ class _DirectoryWriter:
             if cfg[key] is not None and cfg[key] != BYTE_LEVEL:
                 cfg[key] = self.reference(cfg[key])
         self.save_tensors(ADDED_TOKENS_FILE, added_token_state(self.model))
+        if lora:
+            self.save_tensors(LLM_LORA_FILE, _lora_state(lora))
 
     def decoder(self, modality: str, cfg: dict[str, Any], decoders: Mapping[str, "Decoder"]) -> None:
         if cfg["pretrained"] is not None:
@@ -241,6 +253,9 @@ def load_weights(model: "AnyGPTModel", directory: Path | None) -> None:
         _load_projectors(model, load_file(str(directory / PROJECTORS_FILE)), directory / PROJECTORS_FILE)
     if directory is not None and (directory / ADDED_TOKENS_FILE).is_file():
         _load_added_rows(model, load_file(str(directory / ADDED_TOKENS_FILE)))
+    if directory is not None and (directory / LLM_LORA_FILE).is_file():
+        merge_lora(model.lm.model, _lora_factors(load_file(str(directory / LLM_LORA_FILE))),
+                   source=directory / LLM_LORA_FILE)
     if model.config.checkpoint:
         load_checkpoint(model, model.config.checkpoint, directory)
 
@@ -363,10 +378,37 @@ def _apply_nextgpt_llm(model: "AnyGPTModel", converted: dict, lora_scale: float 
                     f"NExT-GPT checkpoint: {key} has shape {tuple(tensor.shape)} but the LLM's is "
                     f"{tuple(module.weight.shape)}; the preset's tokens must match the checkpoint's")
             module.weight.copy_(tensor.to(module.weight.dtype))
-        modules = dict(llm.named_modules())
-        for path, (a, b) in converted["lora"].items():
+    factors = {path: (a, b, lora_scale) for path, (a, b) in converted["lora"].items()}
+    merge_lora(llm, factors, source="NExT-GPT checkpoint")
+
+
+def merge_lora(llm: torch.nn.Module, factors: LoraFactors, source: object) -> None:
+    """Add ``scale · B @ A`` to the weight of each named module of ``llm`` (as PEFT merges).
+
+    Raises:
+        WeightsNotFoundError: a module path is not in the LLM.
+    """
+    modules = dict(llm.named_modules())
+    with torch.no_grad():
+        for path, (a, b, scale) in factors.items():
             if path not in modules:
-                raise WeightsNotFoundError(f"NExT-GPT checkpoint: LoRA target {path!r} is not in the LLM")
+                raise WeightsNotFoundError(f"{source}: LoRA target {path!r} is not in the LLM; was it "
+                                           "trained on another LLM?")
             weight = modules[path].weight
-            delta = (b.float() @ a.float()) * lora_scale  # (out, r) @ (r, in) -> (out, in)
-            weight.add_(delta.to(weight.device, weight.dtype))
+            # In float32, as PEFT merges on the CPU: (out, r) @ (r, in) -> (out, in).
+            delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * scale
+            weight.add_(delta.to(weight.dtype))
+
+
+def _lora_state(factors: LoraFactors) -> dict[str, torch.Tensor]:
+    state = {}
+    for path, (a, b, scale) in factors.items():
+        state[f"{path}.lora_A"] = a.detach().cpu().contiguous()
+        state[f"{path}.lora_B"] = b.detach().cpu().contiguous()
+        state[f"{path}.scale"] = torch.tensor(float(scale), dtype=torch.float64)
+    return state
+
+
+def _lora_factors(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    paths = sorted({key.rsplit(".", 1)[0] for key in state})
+    return {p: (state[f"{p}.lora_A"], state[f"{p}.lora_B"], float(state[f"{p}.scale"])) for p in paths}

@@ -349,19 +349,36 @@ def test_stage3_emits_the_requested_signal_run(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_on_a_referenced_llm_is_saved_merged_and_whole(stage2, data, tmp_path):
-    """Stage 3 from a model directory whose LLM is referenced by path (like a hub LLM): the
-    merged LLM is written whole into the new directory, which reloads with the trained weights."""
-    from anygpt.alignment.recipe import train
+def test_lora_on_a_referenced_llm_is_saved_as_factors(stage2, data, tmp_path, monkeypatch):
+    """Stage 3 from a model directory whose LLM is referenced by path (like a hub LLM or the mini
+    preset's packaged LLM): the new directory keeps referencing it and stores only the LoRA
+    factors, which reload into exactly the merged weights the training run ended with."""
+    from safetensors.torch import load_file
+
+    from anygpt.alignment import recipe
+    from anygpt.checkpoint import LLM_LORA_FILE
 
     start = stage2[0].model_dir
     config = _config(3, tmp_path, data, f"model={start}", "train.max_steps=2", "train.batch_size=4",
                      "data.val=null", "optim.lr=1e-2", "trainable.lora.r=4")
-    result = train(config)
-    assert (result.model_dir / "llm" / "model.safetensors").is_file()
-    assert "pretrained: llm\n" in (result.model_dir / "anygpt_config.yaml").read_text()
-    before, after = _load(start).model.lm.model.state_dict(), _load(result.model_dir).model.lm.model.state_dict()
+    merged, original = {}, recipe.save_model
+
+    def keep_merged(pipe, *args, **kwargs):
+        out = original(pipe, *args, **kwargs)
+        merged.update({k: v.clone() for k, v in pipe.model.lm.model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(recipe, "save_model", keep_merged)
+    result = recipe.train(config)
+    saved = result.model_dir
+    assert not (saved / "llm").exists()
+    factors = load_file(str(saved / LLM_LORA_FILE))
+    assert {k.rsplit(".", 1)[1] for k in factors} == {"lora_A", "lora_B", "scale"}
+    assert any("q_proj" in k for k in factors)
+    before, after = _load(start).model.lm.model.state_dict(), _load(saved).model.lm.model.state_dict()
     assert any("q_proj" in k for k in _changed(before, after))
+    for key, value in merged.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 # Resume ------------------------------------------------------------------------------------------
