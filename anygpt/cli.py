@@ -209,11 +209,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 @_command("presets")
 def _presets(args: argparse.Namespace) -> int:
-    from anygpt.config import PRESET_DIR, AnyGPTConfig, list_presets
+    from anygpt.config import AnyGPTConfig, list_presets, preset_file
 
     if args.show:
         AnyGPTConfig.from_name(args.show)  # validates, and lists the valid names if unknown
-        print((PRESET_DIR / f"{args.show}.yaml").read_text(), end="")
+        print(preset_file(args.show).read_text(), end="")
         return 0
     for name in list_presets():
         cfg = AnyGPTConfig.from_name(name)

@@ -37,6 +37,7 @@ __all__ = [
     "PRESET_DIR",
     "CONFIG_FILENAME",
     "list_presets",
+    "preset_file",
     "build_config",
     "require",
 ]
@@ -363,11 +364,7 @@ class AnyGPTConfig:
     @classmethod
     def from_name(cls, name: str) -> "AnyGPTConfig":
         """Load a shipped preset by name (``tiny``, ``mini``, ``nextgpt-7b``)."""
-        path = PRESET_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise UnknownNameError("preset", name, list_presets(),
-                                   hint="Or pass a model directory or a .yaml config path")
-        return cls.from_file(path)
+        return cls.from_file(preset_file(name))
 
 
 def _check_modality_names(modalities: dict) -> None:
@@ -391,8 +388,23 @@ def _default_decoder_name(modality: str, config: ModalityConfig) -> None:
 
 
 def list_presets() -> list[str]:
-    """Names of the presets shipped under ``anygpt/presets/``."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Names of the presets shipped under ``anygpt/presets/``: ``<name>.yaml`` config files and
+    ``<name>/`` model directories (a config with the weights it needs)."""
+    files = [p.stem for p in PRESET_DIR.glob("*.yaml")]
+    folders = [p.name for p in PRESET_DIR.iterdir() if (p / CONFIG_FILENAME).is_file()]
+    return sorted(set(files) | set(folders))
+
+
+def preset_file(name: str) -> Path:
+    """The config file of the preset ``name``; its folder is where its relative paths resolve.
+
+    Raises:
+        UnknownNameError: no such preset (the message lists them).
+    """
+    for path in (PRESET_DIR / name / CONFIG_FILENAME, PRESET_DIR / f"{name}.yaml"):
+        if "/" not in name and path.is_file():
+            return path
+    raise UnknownNameError("preset", name, list_presets(), hint="Or pass a model directory or a .yaml config path")
 
 
 # A strict dict → dataclass builder: errors name the dotted field path and what was expected.

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from anygpt.config import CONFIG_FILENAME, DECODE_OPTIONS, PRESET_DIR, AnyGPTConfig, SamplingSettings
+from anygpt.config import CONFIG_FILENAME, DECODE_OPTIONS, AnyGPTConfig, SamplingSettings, preset_file
 from anygpt.conversation import Conversation, MediaInputs
 from anygpt.errors import ConfigError, UnknownNameError
 from anygpt.generation import LLMResult, SignalRun, generate_stream
@@ -319,4 +319,5 @@ def resolve_config(name_or_path: str | os.PathLike) -> tuple[AnyGPTConfig, Path 
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return AnyGPTConfig.from_file(path), path.resolve().parent
     # A preset's relative paths, like any config file's, resolve against its own folder.
-    return AnyGPTConfig.from_name(str(name_or_path)), PRESET_DIR
+    path = preset_file(str(name_or_path))
+    return AnyGPTConfig.from_file(path), path.parent

@@ -64,3 +64,26 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 def test_unknown_preset_lists_names():
     with pytest.raises(UnknownNameError, match="unknown preset 'huge'; valid names: mini, nextgpt-7b, tiny"):
         AnyGPTConfig.from_name("huge")
+
+
+def test_a_preset_may_be_a_model_directory_with_its_weights(tmp_path, monkeypatch, tiny_pipe):
+    """How a trained preset ships: a folder under presets/ that loads like a saved model."""
+    import shutil
+
+    import anygpt.config
+    from anygpt import AnyGPTPipeline
+
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    shutil.copy(anygpt.config.PRESET_DIR / "tiny.yaml", presets)
+    tiny_pipe.save_pretrained(presets / "trained")
+    monkeypatch.setattr(anygpt.config, "PRESET_DIR", presets)
+    assert anygpt.config.list_presets() == ["tiny", "trained"]
+    assert anygpt.config.preset_file("trained") == presets / "trained" / "anygpt_config.yaml"
+    pipe = AnyGPTPipeline.from_pretrained("trained")
+    assert pipe.base_dir == presets / "trained"
+    a = pipe("hello", seed=0, max_new_tokens=6)
+    b = tiny_pipe("hello", seed=0, max_new_tokens=6)
+    assert a.raw_text == b.raw_text
+    with pytest.raises(UnknownNameError, match="valid names: tiny, trained"):
+        anygpt.config.preset_file("../tiny")
