@@ -71,13 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted config overrides, e.g. optim.lr=1e-3 train.max_steps=200")
 
-    ev = sub.add_parser("eval", help="evaluate an aligned model on a held-out manifest")
-    ev.add_argument("--model", required=True, help="model directory (or preset name)")
-    ev.add_argument("--data", required=True, type=Path, help="JSONL manifest of caption and/or dialogue rows")
-    ev.add_argument("--decode", type=int, default=2, help="examples per modality decoded for agreement (default: 2)")
-    ev.add_argument("--seed", type=int, default=0, help="decoding seed (default: 0)")
-    ev.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many rows of each kind")
-    ev.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
+    ev = sub.add_parser("eval", help="evaluate a model on a held-out manifest, or on the world (eval world)",
+                        description="`anygpt eval --model DIR --data FILE` scores an aligned model on a held-out "
+                                    "manifest; `anygpt eval world --model mini` measures how well it draws, "
+                                    "sings, films and understands the synthetic world.")
+    ev.add_argument("suite", nargs="?", choices=("manifest", "world"), default="manifest",
+                    help="what to evaluate on (default: manifest)")
+    _add_model_arguments(ev)
+    ev.add_argument("--data", type=Path, default=None, help="manifest: JSONL of caption and/or dialogue rows")
+    ev.add_argument("--decode", type=int, default=2, help="manifest: examples per modality decoded (default: 2)")
+    ev.add_argument("--max-examples", type=int, default=None, help="manifest: at most this many rows of each kind")
+    ev.add_argument("--cases", type=int, default=18, help="world: prompts per modality and section (default: 18)")
+    ev.add_argument("--max-new-tokens", type=int, default=48, help="world: LLM budget per answer (default: 48)")
+    ev.add_argument("--sections", type=_csv, default=None, metavar="S[,S]",
+                    help="world: decoders, forced, auto, understanding, chat (default: all)")
+    ev.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="manifest: write the metrics to this JSON file; world: write metrics, table and "
+                         "sample sheets into this folder")
 
     pre = sub.add_parser("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
@@ -195,16 +206,52 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    if args.suite == "world":
+        return _eval_world(args)
+    if args.data is None:
+        raise AnyGPTError("eval: --data is required to evaluate on a manifest (or run `anygpt eval world`)")
     from anygpt.alignment.evaluate import evaluate
 
-    metrics = evaluate(args.model, args.data, decode=args.decode, seed=args.seed,
-                                              max_examples=args.max_examples)
+    metrics = evaluate(args.model, args.data, decode=args.decode, seed=args.seed, max_examples=args.max_examples)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return 0
+
+
+def _eval_world(args: argparse.Namespace) -> int:
+    from anygpt.alignment.world.evaluate import BARS, evaluate_world
+
+    pipe = _load_pipeline(args, progress=False)
+    report = evaluate_world(pipe, seed=args.seed, cases=args.cases, max_new_tokens=args.max_new_tokens,
+                            sections=args.sections or tuple(BARS), progress=sys.stderr.isatty())
+    print(report.table())
+    if args.out is not None:
+        for path in _write_world_report(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _write_world_report(report, folder: Path) -> list[Path]:
+    """metrics.json, table.txt and the sample sheets of a world report."""
+    import json
+
+    from anygpt.alignment.world import sheets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "metrics.json", folder / "table.txt"]
+    written[0].write_text(json.dumps({"rates": report.rates, "counts": report.counts, "passes": report.passes(),
+                                      "answers": report.answers}, indent=2) + "\n")
+    written[1].write_text(report.table() + "\n")
+    makers = {"image": sheets.image_sheet, "video": sheets.clip_sheet, "audio": sheets.spectrogram_sheet}
+    for section, by_modality in report.samples.items():
+        for modality, values in by_modality.items():
+            path = folder / f"{section}_{modality}.png"
+            makers[modality](values, report.captions[section][modality]).save(path)
+            written.append(path)
+    return written
 
 
 @_command("presets")
