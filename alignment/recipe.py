@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from anygpt.alignment.checkpointing import Checkpointer, TrainState
 from anygpt.alignment.config import TrainConfig
 from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
+from anygpt.alignment.optim import WarmupDecay
 from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, MediaTargets
 from anygpt.alignment.targets import TargetCache
 from anygpt.alignment.tracking import build_trackers
@@ -308,22 +308,6 @@ def build_optimizer(trainable: TrainableParameters, config: TrainConfig) -> torc
                        "weight_decay": decay, "name": name})
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay)
-
-
-class WarmupDecay:
-    """Learning-rate factor: linear warmup, then constant / linear / cosine decay to ``min_ratio``."""
-
-    def __init__(self, kind: str, warmup: int, total: int, min_ratio: float):
-        self.kind, self.warmup, self.total, self.min_ratio = kind, warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        shape = 1.0 - progress if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.min_ratio + (1.0 - self.min_ratio) * shape
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -117,13 +117,10 @@ class AudioLDMDecoder(Decoder):
         return [Audio(waveform=np.clip(wave, -1.0, 1.0).astype(np.float32), sample_rate=rate)
                 for wave in output.audios]
 
-    def training_sample(self, value: Audio) -> torch.Tensor:
-        """A clip → its log-mel spectrogram ``(1, T, mels)``, the vocoder's input representation.
-
-        As AudioLDM prepares its training audio: mixed to mono, resampled to the vocoder's rate,
-        mean removed and scaled to a peak of 0.5, then cut or zero-padded to the length
-        :meth:`decode` generates (``T`` mel frames) before :func:`log_mel_spectrogram`.
-        """
+    def training_waveform(self, value: Audio) -> torch.Tensor:
+        """A clip as AudioLDM prepares its training audio, before the log-mel: mixed to mono,
+        resampled to the vocoder's rate, mean removed and scaled to a peak of 0.5, then cut or
+        zero-padded to the length :meth:`decode` generates (``T * hop`` samples)."""
         import torchaudio
 
         vocoder = self.pipeline.vocoder.config
@@ -135,8 +132,15 @@ class AudioLDMDecoder(Decoder):
         wave = wave - wave.mean()
         wave = 0.5 * wave / (wave.abs().max() + 1e-8)
         length = self._mel_frames(rate, hop) * hop
-        wave = F.pad(wave[:length], (0, max(0, length - len(wave))))
-        return log_mel_spectrogram(wave, rate, hop, int(vocoder.model_in_dim))[None]
+        return F.pad(wave[:length], (0, max(0, length - len(wave))))
+
+    def training_sample(self, value: Audio) -> torch.Tensor:
+        """A clip → its log-mel spectrogram ``(1, T, mels)``, the vocoder's input representation:
+        :func:`log_mel_spectrogram` of :meth:`training_waveform`."""
+        vocoder = self.pipeline.vocoder.config
+        wave = self.training_waveform(value)
+        hop = math.prod(vocoder.upsample_rates)
+        return log_mel_spectrogram(wave, int(vocoder.sampling_rate), hop, int(vocoder.model_in_dim))[None]
 
     def _mel_frames(self, rate: int, hop: int) -> int:
         """Mel frames of the audio :meth:`decode` generates, computed as the pipeline computes
