@@ -196,7 +196,7 @@ def tone(waveform: str, frequency: float, rate: int, seconds: float = 1.0, ampli
     """A tone drawn as the world draws its sounds (:func:`anygpt.alignment.world.render_sound`),
     at any ``frequency``: ``sine``, ``square`` (the sign of the sine) or ``sawtooth``, phase 0
     at sample 0."""
-    phase = frequency * np.arange(int(round(seconds * rate))) / rate
+    phase = frequency * np.arange(round(seconds * rate)) / rate
     if waveform == "sine":
         wave = np.sin(2 * np.pi * phase)
     elif waveform == "square":

@@ -39,6 +39,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+logger = logging.getLogger("bench_world_audio_decoder")
+
 #: The architecture trained here (``DecoderConfig.arch`` of the ``audioldm`` decoder). The
 #: vocoder's hop of 8·10·10 = 800 samples (20 mel frames a second, n_fft 4096) puts the world's
 #: 220 / 440 / 880 Hz on its 20 Hz frame-rate grid (see alignment/vocoder_training.py).
@@ -150,7 +152,7 @@ def main() -> None:
     decoder = load_decoder(DecoderConfig(name="audioldm", arch=dict(ARCH), seed=args.seed))
     rate = int(decoder.pipeline.vocoder.config.sampling_rate)
     results["parameters"] = component_sizes(decoder)
-    logging.info("parameters: %s", results["parameters"])
+    logger.info("parameters: %s", results["parameters"])
 
     # Held-out real tones for the vocoder-only and VAE round-trip measures.
     import numpy as np
@@ -180,7 +182,7 @@ def main() -> None:
     with torch.no_grad():
         waves = decoder.pipeline.vocoder(test_mels[:, 0]).numpy()
     results["vocoder_only"] = _score(test_items, waves, rate)
-    logging.info("vocoder only: %s", results["vocoder_only"])
+    logger.info("vocoder only: %s", results["vocoder_only"])
 
     # 2. The VAE, 3. the UNet and the text encoder: the generic decoder trainer.
     t = time.perf_counter()
@@ -220,7 +222,7 @@ def main() -> None:
         waves = decoder.pipeline.vocoder(round_trip[:, 0]).numpy()
     results["vae_round_trip"] = _score(test_items, waves, rate)
     results["vae_round_trip"]["mel_l1"] = float((round_trip - test_mels).abs().mean())
-    logging.info("VAE round trip: %s", results["vae_round_trip"])
+    logger.info("VAE round trip: %s", results["vae_round_trip"])
     timings["train_total_s"] = time.perf_counter() - start_all
     cpu["train_total_s"] = time.process_time() - cpu_start
 
@@ -252,8 +254,8 @@ def main() -> None:
             score["s_per_clip"] = seconds / len(clips)
             key = f"{setting}/{'canonical' if split == 'train' else 'held_out_phrasings'}"
             results["pipeline"][key] = score
-            logging.info("pipeline %s: pitch %.3f waveform %.3f (%.2f s a clip)", key, score["pitch"],
-                         score["waveform"], score["s_per_clip"])
+            logger.info("pipeline %s: pitch %.3f waveform %.3f (%.2f s a clip)", key, score["pitch"],
+                        score["waveform"], score["s_per_clip"])
     results["timings"], results["cpu_seconds"] = timings, cpu
     _report(results)
     if args.json:
