@@ -184,7 +184,7 @@ def main() -> None:
     results["vocoder_only"] = _score(test_items, waves, rate)
     logger.info("vocoder only: %s", results["vocoder_only"])
 
-    # 2. The VAE, 3. the UNet and the text encoder: the generic decoder trainer.
+    # 2. The VAE (generic trainer), 3. the CLAP text encoder (contrastive), 4. the UNet (generic trainer).
     t = time.perf_counter()
     templates = CAPTIONS["audio"].train
     pairs = world_pairs(args.train_clips, args.seed + 1, templates)
