@@ -83,6 +83,7 @@ __all__ = [
     "world_media_set",
     "world_media_sets",
     "embed",
+    "embed_text_prefix",
     "contrastive_loss",
     "train_encoder",
     "caption_embeddings",
@@ -134,6 +135,8 @@ class EncoderTraining:
         items_per_caption: world renders of each caption per modality (training set sizes:
             54, 9 and 72 captions times these), for :func:`train_world_encoder`.
         render_seed: seed of the training renders (positions, sizes, detuning).
+        storage_dtype: dtype the preprocessed training media are kept in (``"float16"`` halves
+            the memory: about 1 GB for the default sets; batches are cast to the encoder's).
         seed: seed of the batch order and the caption phrasings.
         log_every: log the running loss every this many steps (0: only at the end).
         progress: show a tqdm progress bar.
@@ -156,6 +159,7 @@ class EncoderTraining:
     items_per_caption: dict[str, int] = field(
         default_factory=lambda: {"image": 8, "audio": 24, "video": 6})
     render_seed: int = 0
+    storage_dtype: str = "float16"
     seed: int = 0
     log_every: int = 50
     progress: bool = True
@@ -164,6 +168,8 @@ class EncoderTraining:
         if self.caption_templates not in ("canonical", "train"):
             raise ValueError("caption_templates must be 'canonical' or 'train', "
                              f"got {self.caption_templates!r}")
+        if not isinstance(getattr(torch, self.storage_dtype, None), torch.dtype):
+            raise ValueError(f"storage_dtype must name a torch dtype (float16, float32), got {self.storage_dtype!r}")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError(f"need steps >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}")
 
@@ -361,7 +367,8 @@ def world_media_set(encoder: ImageBindEncoder, modality: str, items_per_caption:
 
 
 def world_media_sets(encoder: ImageBindEncoder, items_per_caption: Mapping[str, int], seed: int, *,
-                     compact_clips: bool = True, progress: bool = False) -> dict[str, MediaSet]:
+                     compact_clips: bool = True, dtype: torch.dtype = torch.float32,
+                     progress: bool = False) -> dict[str, MediaSet]:
     """:func:`world_media_set` for each modality of ``items_per_caption`` (one seed each,
     derived from ``seed``, so that adding a modality does not change another's renders)."""
     sets = {}
@@ -369,7 +376,7 @@ def world_media_sets(encoder: ImageBindEncoder, items_per_caption: Mapping[str, 
         if items_per_caption.get(modality, 0) > 0:
             sets[modality] = world_media_set(encoder, modality, items_per_caption[modality],
                                              seed * 1000 + offset, compact_clips=compact_clips,
-                                             progress=progress)
+                                             dtype=dtype, progress=progress)
     return sets
 
 
@@ -395,6 +402,28 @@ def embed(model: nn.Module, encoder_input: str, batch: Tensor) -> Tensor:
     if multi_clip:
         embeddings = embeddings.view(items, clips, -1).mean(dim=1)
     return embeddings
+
+
+def embed_text_prefix(model: nn.Module, tokens: Tensor) -> Tensor:
+    """``embed(model, "text", tokens)`` computed on the first ``L`` positions only, where ``L``
+    is one past the last end-of-text token of the batch (12 rather than 77 for the world's
+    captions, a sixth of the text trunk's cost).
+
+    ImageBind's text trunk is causal (no position attends to a later one) and its head reads
+    the end-of-text position, so the positions after it never reach the embedding: the result
+    is the full computation's up to float rounding (summation order). Used for training; the
+    frozen encoder's :meth:`~anygpt.encoders.ImageBindEncoder.encode` is unchanged. Falls back to
+    :func:`embed` for a text preprocessor that is not causal or has class tokens.
+    """
+    pre = model.modality_preprocessors["text"]
+    if not getattr(pre, "causal_masking", False) or getattr(pre, "num_cls_tokens", 0):
+        return embed(model, "text", tokens)
+    ends = tokens.argmax(dim=-1)
+    length = int(ends.max()) + 1
+    hidden = model.modality_trunks["text"](
+        tokens=pre.token_embedding(tokens[:, :length]) + pre.pos_embed[:, :length],
+        attn_mask=pre.mask[:length, :length])
+    return F.normalize(model.modality_heads["text"](hidden, seq_len=ends), dim=-1, p=2)
 
 
 def _logit_scaling(model: nn.Module) -> nn.Module:
@@ -558,10 +587,10 @@ def train_encoder(encoder: ImageBindEncoder, sets: Mapping[str, MediaSet],
 
     def text_embeddings(captions: list[str], step: int) -> Tensor:
         if settings.train_text and step >= settings.text_frozen_steps:
-            return embed(model, "text", tokenize(captions))
+            return embed_text_prefix(model, tokenize(captions))
         if settings.train_text:  # frozen for now; its embeddings change later: no cache
             with torch.no_grad():
-                return embed(model, "text", tokenize(captions))
+                return embed_text_prefix(model, tokenize(captions))
         todo = [c for c in dict.fromkeys(captions) if c not in text_cache]
         if todo:
             with torch.no_grad():
@@ -707,7 +736,8 @@ def train_world_encoder(arch: Mapping[str, Any], settings: EncoderTraining | Non
     encoder = ImageBindEncoder.from_config(EncoderConfig(arch=dict(arch), seed=init_seed))
     start = time.perf_counter()
     sizes = {m: settings.items_per_caption.get(m, 0) for m in modalities}
-    sets = world_media_sets(encoder, sizes, settings.render_seed, progress=settings.progress)
+    sets = world_media_sets(encoder, sizes, settings.render_seed, dtype=getattr(torch, settings.storage_dtype),
+                            progress=settings.progress)
     data_seconds = time.perf_counter() - start
     logger.info("rendered and preprocessed %s in %.1f s",
                 ", ".join(f"{len(s)} {m}" for m, s in sets.items()), data_seconds)

@@ -87,6 +87,27 @@ def _bit_exact(a, b) -> bool:
     return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _media_geometry(encoder, held) -> dict[str, Any]:
+    """What the input projectors will see, without the text side: for each attribute, how often
+    a held-out medium's nearest other medium (cosine) shares its value, and the mean cosine
+    between media of the same caption and of different captions."""
+    import torch
+
+    from anygpt.alignment import encoder_training as et
+
+    embeddings = torch.nn.functional.normalize(et.media_embeddings(encoder, held).float(), dim=-1)
+    similarity = embeddings @ embeddings.T
+    same = torch.tensor([[a == b for b in held.items] for a in held.items])
+    off_diagonal = ~torch.eye(len(held.items), dtype=torch.bool)
+    nearest = similarity.masked_fill(~off_diagonal, float("-inf")).argmax(dim=1)
+    neighbours = {name: round(sum(held.items[int(j)].attributes()[name] == item.attributes()[name]
+                                  for j, item in zip(nearest, held.items)) / len(held.items), 4)
+                  for name in held.items[0].attributes()}
+    return {"nearest_medium_shares": neighbours,
+            "cosine_same_caption": round(float(similarity[same & off_diagonal].mean()), 4),
+            "cosine_other_captions": round(float(similarity[~same].mean()), 4)}
+
+
 def evaluate(encoder, modalities, seed: int, items_per_caption: dict[str, int], progress: bool,
              train_sets: dict | None = None) -> dict[str, Any]:
     """Held-out retrieval per modality (and on the training media, when given)."""
@@ -109,6 +130,7 @@ def evaluate(encoder, modalities, seed: int, items_per_caption: dict[str, int], 
                  "margin": round(result.margin, 4),
                  "held_out_phrasing": {"template": CAPTIONS[modality].held_out[0],
                                        "accuracy": round(phrased.accuracy, 4)}}
+        entry["media_geometry"] = _media_geometry(encoder, held)
         if train_sets and modality in train_sets:
             entry["train_accuracy"] = round(et.retrieval_accuracy(encoder, train_sets[modality]).accuracy, 4)
         entry["seconds"] = round(time.perf_counter() - start, 1)
@@ -130,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--modalities", default="image,audio,video")
     parser.add_argument("--eval-only", action="store_true", help="judge the weights already at --output")
     parser.add_argument("--json", type=Path, help="also write the report here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a machine whose cores other jobs also use, "
+                             "2 OpenMP threads ran this model 10-25x slower than 1; 0: torch's default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

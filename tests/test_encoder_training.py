@@ -71,6 +71,13 @@ def test_embed_matches_the_frozen_encoder(encoder):
                 assert torch.equal(et.embed(encoder.model, key, batch), encoder.encode(key, batch))
 
 
+def test_text_prefix_embedding_is_the_full_one(encoder):
+    tokens = et.tokenize(["a red circle on a white background", "a low sine tone", "a blue square moving up"])
+    with torch.no_grad():
+        torch.testing.assert_close(et.embed_text_prefix(encoder.model, tokens), encoder.encode("text", tokens),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_media_set_keeps_one_of_identical_clips(encoder):
     item = SoundItem("low", "sine")
     sound = render_sound(item, np.random.default_rng(0))
