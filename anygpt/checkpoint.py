@@ -118,6 +118,8 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         for name in model.config.output_modalities:
             writer.decoder(name, data["modalities"][name]["decoder"], decoders)
         writer.save_tensors(PROJECTORS_FILE, projector_state(model))
+        for example in data["examples"]:
+            example["media"] = {m: [writer.reference(p) for p in paths] for m, paths in example["media"].items()}
         AnyGPTConfig.from_dict(data).to_yaml(staging / CONFIG_FILENAME)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,6 +4,7 @@
     anygpt presets
     anygpt train --config alignment/configs/stage2_decoding.yaml optim.lr=1e-3 [--resume]
     anygpt eval --model runs/stage2_decoding/model --data captions_val.jsonl
+    anygpt world build --out runs/miniature [--quick]
 """
 
 from __future__ import annotations
@@ -89,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=None,
                     help="manifest: write the metrics to this JSON file; world: write metrics, table and "
                          "sample sheets into this folder")
+
+    wo = sub.add_parser("world", help="build the miniature: train every part of `mini` on the world",
+                        description="`anygpt world build --out DIR` trains the encoder, the three decoders and "
+                                    "the three alignment stages on the procedural world, and packages the "
+                                    "result as a model directory (DIR/mini). Reruns resume: finished steps "
+                                    "are skipped. Settings: alignment/configs/miniature.yaml.")
+    wo.add_argument("action", choices=("build",), help="what to do (build)")
+    wo.add_argument("--out", type=Path, required=True, help="the build folder (created; resumed if it exists)")
+    wo.add_argument("--config", type=Path, default=None, help="build settings .yaml (default: the shipped ones)")
+    wo.add_argument("--quick", action="store_true", help="every step cut to a handful of steps (a smoke run)")
+    wo.add_argument("--redo", type=_csv, default=[], metavar="STEP[,STEP]",
+                    help="run these steps (and every later one) again")
+    wo.add_argument("--until", default=None, metavar="STEP", help="stop after this step")
+    wo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    wo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted settings overrides, e.g. image_decoder.unet.steps=3000")
 
     pre = sub.add_parser("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
@@ -252,6 +269,24 @@ def _write_world_report(report, folder: Path) -> list[Path]:
             makers[modality](values, report.captions[section][modality]).save(path)
             written.append(path)
     return written
+
+
+@_command("world")
+def _world(args: argparse.Namespace) -> int:
+    import time
+
+    from anygpt.alignment.miniature import build_miniature, load_build_settings
+
+    # A build is long: its steps are logged even without -v.
+    logging.getLogger("anygpt.alignment").setLevel(min(logging.INFO, logging.getLogger().level))
+    settings = load_build_settings(args.config, args.overrides, quick=args.quick)
+    start = time.perf_counter()
+    result = build_miniature(args.out, settings, redo=args.redo, until=args.until, progress=not args.no_progress)
+    ran = ", ".join(result.ran) or "nothing (every step was done before)"
+    print(f"ran {ran} in {time.perf_counter() - start:.0f} s; all steps took {result.seconds:.0f} s")
+    if result.model_dir.is_dir():
+        print(f"model: {result.model_dir}  (try: anygpt generate --model {result.model_dir} \"Draw a red circle\")")
+    return 0
 
 
 @_command("presets")

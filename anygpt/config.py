@@ -29,6 +29,7 @@ __all__ = [
     "DecodeOptions",
     "DecoderConfig",
     "ModalityConfig",
+    "ExampleConfig",
     "GenerationConfig",
     "SamplingSettings",
     "SAMPLING_OPTIONS",
@@ -252,6 +253,21 @@ class ModalityConfig:
 
 
 @dataclass
+class ExampleConfig:
+    """An example message that the chat app offers for this model: its text and the media
+    it attaches (modality → file paths, relative to the config's folder).
+
+    A model that knows a small world (the trained ``mini``) lists examples inside that world.
+    """
+
+    text: str = ""
+    media: dict[str, list[str]] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        require(bool(self.text.strip()), f"{path}.text", "must not be empty")
+
+
+@dataclass
 class GenerationConfig:
     """LLM generation settings: a preset's defaults, each overridable per call.
 
@@ -292,7 +308,8 @@ class AnyGPTConfig:
     Modalities are keyed by name (see ``anygpt.modalities``); their order fixes the order in
     which signal tokens are added to the tokenizer. ``seed`` initialises the projectors.
     ``checkpoint`` names trained weights loaded after the components are built: a local file or
-    ``hub_id:filename``, in AnyGPT's format or NExT-GPT's (``pytorch_model.pt``).
+    ``hub_id:filename``, in AnyGPT's format or NExT-GPT's (``pytorch_model.pt``). ``description``
+    and ``examples`` are what the chat app shows about the model.
     """
 
     name: str = "custom"
@@ -301,6 +318,7 @@ class AnyGPTConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    examples: list[ExampleConfig] = field(default_factory=list)
     seed: int = 0
     checkpoint: Optional[str] = None
 
@@ -316,6 +334,11 @@ class AnyGPTConfig:
         for name, modality in self.modalities.items():
             _default_decoder_name(name, modality)
             modality.validate(f"modalities.{name}")
+        for index, example in enumerate(self.examples):
+            example.validate(f"examples[{index}]")
+            unknown = sorted(set(example.media) - set(self.input_modalities))
+            require(not unknown, f"examples[{index}].media",
+                    f"{unknown} are not input modalities of this model ({', '.join(self.input_modalities)})")
 
     # Views ---------------------------------------------------------------------------------
     @property

@@ -229,6 +229,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _load_into(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    # Weights stored in another floating dtype (float16 files halve a shipped model) are loaded
+    # in the dtype the model was built in: assign=True would otherwise adopt the file's dtype.
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    state = {name: tensor.to(dtypes[name]) if tensor.is_floating_point() and name in dtypes else tensor
+             for name, tensor in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

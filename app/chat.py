@@ -22,6 +22,7 @@ import gradio as gr
 from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
 from anygpt.modalities import get_modality
 from anygpt.options import Option
+from anygpt.paths import resolve_path
 
 from anygpt.app.engine import AUTO, TurnState, output_choices, run_turn
 from anygpt.app.session import ChatSession, UserMessage, describe_modalities, upload_suffixes
@@ -160,8 +161,16 @@ def _write_examples(folder: Path) -> dict[str, str]:
     return {"image": str(image), "audio": str(audio)}
 
 
-def _examples(folder: Path, inputs: Sequence[str]) -> list[list[dict]]:
-    """The example messages; those attaching a modality the model does not read are left out."""
+def _examples(pipe: Any, folder: Path, inputs: Sequence[str]) -> list[list[dict]]:
+    """The example messages: the model's own (``config.examples``, e.g. inside the world the
+    miniature knows), else general ones; those attaching a modality the model does not read are
+    left out."""
+    own = getattr(pipe.config, "examples", None)
+    if own:
+        base = getattr(pipe, "base_dir", None)
+        return [[{"text": example.text,
+                  "files": [resolve_path(p, base) for paths in example.media.values() for p in paths]}]
+                for example in own]
     files = _write_examples(folder)
     examples = [("Hello! Who are you?", None),
                 ("What is in this picture? Draw a similar one.", "image"),
@@ -192,13 +201,14 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
     options = control_options()
     preset = getattr(config, "name", "custom")
     device = getattr(pipe, "device", "cpu")
-    examples = _examples(output_dir / "examples", inputs)
+    examples = _examples(pipe, output_dir / "examples", inputs)
     model_events = dict(concurrency_limit=concurrency, concurrency_id="model")
     attach = f"attach {describe_modalities(inputs)}, and " if inputs else ""
 
     with gr.Blocks(title=title) as demo:
+        about = f"\n\n{config.description}" if getattr(config, "description", "") else ""
         gr.Markdown(f"## {title}\nPreset **`{preset}`** on device **`{device}`** — {attach}"
-                    f"choose what the answer must contain.", elem_id="header")
+                    f"choose what the answer must contain.{about}", elem_id="header")
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=4):

@@ -8,6 +8,7 @@ import re
 import socket
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import av
@@ -365,6 +366,32 @@ def test_uploads_outputs_and_media_come_from_the_registry(tiny_pipe, tmp_path):
         radio = _blocks(demo, "Radio")[0]
         assert [value for _, value in radio.choices] == ["auto", *pipe.config.output_modalities]
     assert box.file_types == list(get_modality("image").input_suffixes)  # the stub reads images only
+
+
+def test_a_model_with_its_own_examples_and_description_shows_them(tiny_pipe, tmp_path):
+    """A model that knows a small world (the trained miniature) offers examples inside it,
+    with their media resolved against the model's folder, and says what it knows."""
+    import dataclasses
+
+    from anygpt.app.chat import build_app
+    from anygpt.config import ExampleConfig
+
+    (tmp_path / "model" / "examples").mkdir(parents=True)
+    (tmp_path / "model" / "examples" / "dot.png").write_bytes(b"")
+    config = dataclasses.replace(tiny_pipe.config, description="It knows red dots.", examples=[
+        ExampleConfig(text="<image> What is this?", media={"image": ["examples/dot.png"]}),
+        ExampleConfig(text="Draw a red dot.")])
+    pipe = SimpleNamespace(config=config, device="cpu", base_dir=tmp_path / "model", stream=tiny_pipe.stream)
+    demo = build_app(pipe, output_dir=tmp_path / "out")
+    header = next(b for b in _blocks(demo, "Markdown") if b.elem_id == "header")
+    assert "It knows red dots." in header.value
+    examples = _blocks(demo, "Dataset")[0]
+    assert [row[0]["text"] for row in examples.raw_samples] == ["<image> What is this?", "Draw a red dot."]
+    assert [Path(f).resolve() for f in examples.raw_samples[0][0]["files"]] == \
+        [(tmp_path / "model" / "examples" / "dot.png").resolve()]
+    # Without examples of its own, the app offers its general ones.
+    general = _blocks(build_app(tiny_pipe, output_dir=tmp_path / "out2"), "Dataset")[0]
+    assert "Hello! Who are you?" in [row[0]["text"] for row in general.raw_samples]
 
 
 @pytest.fixture

@@ -43,6 +43,9 @@ def _tiny_dict():
     (lambda d: d["llm"].update(dtype="float8"), "llm.dtype: must be one of"),
     (lambda d: d["llm"].update(arch=None, pretrained=None), "llm: set `pretrained`"),
     (lambda d: d.update(modalities={}), "at least one modality"),
+    (lambda d: d.update(examples=[{"text": " "}]), r"examples\[0\].text: must not be empty"),
+    (lambda d: d.update(examples=[{"text": "Hi", "media": {"smell": ["a.txt"]}}]),
+     r"examples\[0\].media: \['smell'\] are not input modalities"),
 ])
 def test_malformed_configs_name_the_field(mutate, match):
     data = _tiny_dict()
