@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: install demo generate test bench clean
+.PHONY: install demo generate miniature test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,14 @@ install: $(STAMP)
 demo: install
 	$(OFFLINE_ENV) $(BIN)/anygpt app --preset mini --host 127.0.0.1 --port 7860
 
+# A request inside the world the shipped `mini` was trained on (see README: the miniature).
 generate: install
 	$(OFFLINE_ENV) $(BIN)/anygpt generate --preset mini --seed 0 --outputs image,audio,video \
-		--out outputs/demo "What is the capital of France? Then show me a picture, a sound and a clip of it."
+		--out outputs/demo "Show me a red circle on a white background, play a high square tone and make a video of a blue triangle moving right."
+
+# Train every part of `mini` again from nothing (resumable; see README for the time it takes).
+miniature: install
+	$(OFFLINE_ENV) $(BIN)/anygpt world build --out runs/miniature
 
 test: install
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest

