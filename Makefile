@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: install demo generate miniature test bench clean
+.PHONY: install demo generate miniature test bench bench-world clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 
 bench: install
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_generate.py
+
+# The miniature's bars (README: the miniature): a table, metrics.json and sample sheets.
+bench-world: install
+	$(OFFLINE_ENV) $(BIN)/anygpt eval world --model mini --out outputs/eval-world
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache test-artifacts

@@ -326,7 +326,10 @@ def _generic_chat(pipe: Any, max_new_tokens: int, seed: int, progress: bool) -> 
     answers = []
     for prompt in tqdm(prompts, desc="generic chat", disable=not progress):
         text = pipe(prompt, outputs=(), do_sample=False, max_new_tokens=max_new_tokens, seed=seed).text.strip()
-        answers.append((prompt, text or "Hello!"))
+        if text:  # an empty answer teaches nothing
+            answers.append((prompt, text))
+    if not answers:
+        raise RuntimeError("the base LLM answered every generic prompt with nothing; check its prompt format")
     return answers
 
 

