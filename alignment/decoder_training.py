@@ -81,6 +81,7 @@ __all__ = [
     "train_decoder",
     "set_noise_schedule",
     "save_decoder",
+    "cast_weight_file",
     "STATE_FILE",
 ]
 
@@ -610,15 +611,8 @@ def save_decoder(decoder: Decoder, directory: str | Path, dtype: torch.dtype | N
     directory = Path(decoder.save_pretrained(directory))
     if dtype is None or dtype == decoder.dtype:
         return directory
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     for path in sorted(directory.glob("*/*.safetensors")):
-        with safe_open(str(path), framework="pt") as reader:
-            metadata = reader.metadata()
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-        save_file({key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()},
-                  str(path), metadata=metadata)
+        cast_weight_file(path, dtype)
     with torch.no_grad():
         for component in decoder.pipeline.components.values():
             if isinstance(component, torch.nn.Module):
@@ -626,6 +620,19 @@ def save_decoder(decoder: Decoder, directory: str | Path, dtype: torch.dtype | N
                     if tensor.is_floating_point():
                         tensor.copy_(tensor.to(dtype))
     return directory
+
+
+def cast_weight_file(path: str | Path, dtype: torch.dtype) -> None:
+    """Rewrite the ``.safetensors`` file ``path`` with its floating tensors stored as ``dtype``
+    (integer tensors and the file's metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as reader:
+        metadata = reader.metadata()
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    save_file({key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()},
+              str(path), metadata=metadata)
 
 
 def _checkpoint(decoder: Decoder, output: Path | None, done: dict[str, ComponentResult],

@@ -108,7 +108,7 @@ def load_build_settings(path: str | Path | None = None, overrides: Sequence[str]
         for key, value in quick_overrides.items():
             _set(data, key, copy.deepcopy(value))
     data = apply_overrides(data, overrides)
-    unknown = sorted(set(data) - {"seed", "threads", "base_preset", "model", "package", *_SECTIONS.values()})
+    unknown = sorted(set(data) - {"seed", "threads", "base_preset", "package", *_SECTIONS.values()})
     if unknown:
         raise ConfigError(f"{path}: unknown build setting(s) {unknown}")
     return data
@@ -211,9 +211,13 @@ def _train_clip_decoder(ctx: _Context, step: str, modality: str, decoder_name: s
     results = dt.train_decoder(decoder, data, settings, output_dir=folder / "training", resume=True)
     dt.save_decoder(decoder, folder / "pipeline", dtype=torch.float16)
     return {"pipeline": str(folder / "pipeline"),
-            "components": {name: {"steps": r.steps, "seconds": round(r.seconds, 1),
-                                  "loss": [round(r.first_loss, 5), round(r.last_loss, 5)]}
-                           for name, r in results.items()}}
+            "components": {name: _component_report(r) for name, r in results.items()}}
+
+
+def _component_report(result: Any) -> dict[str, Any]:
+    """What the state file keeps of a trained component (a ``ComponentResult``)."""
+    return {"steps": result.steps, "seconds": round(result.seconds, 1),
+            "loss": [round(result.first_loss, 5), round(result.last_loss, 5)]}
 
 
 def _copy_vae(decoder: Any, folder: Path) -> None:
@@ -257,9 +261,7 @@ def _audio_decoder_step(ctx: _Context) -> dict[str, Any]:
     folder = ctx.folder("audio-decoder") / "pipeline"
     dt.save_decoder(decoder, folder, dtype=torch.float16)
     return {"pipeline": str(folder), "scaling_factor": factor,
-            "components": {r.component: {"steps": r.steps, "seconds": round(r.seconds, 1),
-                                         "loss": [round(r.first_loss, 5), round(r.last_loss, 5)]}
-                           for r in (vocoder, vae, unet)},
+            "components": {r.component: _component_report(r) for r in (vocoder, vae, unet)},
             "text_encoder": {"steps": text.steps, "seconds": round(text.seconds, 1),
                              "max_caption_similarity": [round(text.max_similarity_before, 4),
                                                         round(text.max_similarity_after, 4)]}}
@@ -388,7 +390,7 @@ STEPS: dict[str, Callable[[_Context], dict[str, Any]]] = {
 }
 #: The settings section of each step (whose change makes a recorded step stale).
 _SECTIONS = {"encoder": "encoder", "image-decoder": "image_decoder", "audio-decoder": "audio_decoder",
-             "video-decoder": "video_decoder", "data": "data", "stage1": "stage1", "stage2": "stage2",
+             "video-decoder": "video_decoder", "base-model": "model", "data": "data", "stage1": "stage1", "stage2": "stage2",
              "stage3": "stage3"}
 
 
@@ -413,9 +415,7 @@ def _records(ctx: _Context) -> dict[str, dict[str, Any]]:
 def _step_settings(settings: Mapping[str, Any], step: str) -> dict[str, Any]:
     section = _SECTIONS.get(step)
     common = {"seed": settings.get("seed", 0), "base_preset": settings.get("base_preset")}
-    if step == "base-model":
-        common["model"] = settings.get("model") or {}
-    return {**common, **({section: settings[section]} if section else {})}
+    return {**common, **({section: settings.get(section) or {}} if section else {})}
 
 
 def _write_records(root: Path, records: dict[str, dict[str, Any]]) -> None:
@@ -569,8 +569,10 @@ def package_model(model_dir: str | Path, destination: str | Path) -> Path:
     model still runs in its configured dtype: float16 weights are cast when loaded); hub ids and
     installed packages (the LLM) stay references. A licence note is written beside the config.
     """
+    import torch
     import yaml
 
+    from anygpt.alignment.decoder_training import cast_weight_file
     from anygpt.checkpoint import DECODERS_DIR, ENCODER_FILE
     from anygpt.config import CONFIG_FILENAME
 
@@ -593,21 +595,9 @@ def package_model(model_dir: str | Path, destination: str | Path) -> Path:
             decoder["pretrained"] = f"{DECODERS_DIR}/{modality}"
     (staging / CONFIG_FILENAME).write_text(yaml.safe_dump(config, sort_keys=False))
     for path in sorted(staging.rglob("*.safetensors")):
-        _to_float16(path)
+        cast_weight_file(path, torch.float16)
     (staging / "LICENSES.md").write_text(LICENSE_NOTE)
     if destination.exists():
         shutil.rmtree(destination)
     staging.rename(destination)
     return destination
-
-
-def _to_float16(path: Path) -> None:
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as reader:
-        metadata = reader.metadata()
-        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    save_file({k: t.to(torch.float16) if t.is_floating_point() else t for k, t in tensors.items()},
-              str(path), metadata=metadata)

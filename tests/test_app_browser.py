@@ -6,6 +6,7 @@ Needs Debian's Chromium and Playwright's Python package (no browser download):
 Skipped with a reason when either is missing.
 """
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -30,20 +31,27 @@ pytestmark = [
 ARTIFACTS_ENV = "ANYGPT_TEST_ARTIFACTS"
 
 
-@pytest.fixture(scope="module")
-def ui_url(tiny_pipe, tmp_path_factory):
+@contextlib.contextmanager
+def _serving(pipe, output_dir):
+    """The chat app on ``pipe``, served on a free local port; yields its URL."""
     from anygpt.app.chat import build_app
     from anygpt.app.server import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = build_app(tiny_pipe, output_dir=tmp_path_factory.mktemp("ui_out"))
+    demo = build_app(pipe, output_dir=output_dir)
     launch(demo, host="127.0.0.1", port=port, block=False)
     try:
         yield demo.local_url
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def ui_url(tiny_pipe, tmp_path_factory):
+    with _serving(tiny_pipe, tmp_path_factory.mktemp("ui_out")) as url:
+        yield url
 
 
 def _send(page, text, files, output):
@@ -88,19 +96,9 @@ def test_browser_chat_turns_show_image_and_audio(ui_url, media_files, tmp_path):
 @pytest.fixture(scope="module")
 def mini_app(mini_pipe, tmp_path_factory):
     """The chat app on the shipped `mini` (the trained miniature): its URL and output folder."""
-    from anygpt.app.chat import build_app
-    from anygpt.app.server import launch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("mini_out")
-    demo = build_app(mini_pipe, output_dir=out)
-    launch(demo, host="127.0.0.1", port=port, block=False)
-    try:
-        yield demo.local_url, out
-    finally:
-        demo.close()
+    with _serving(mini_pipe, out) as url:
+        yield url, out
 
 
 def test_browser_image_request_to_mini_is_answered_with_a_picture(mini_app, tmp_path):
