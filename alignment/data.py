@@ -9,7 +9,8 @@ line before training starts, never dropped silently or discovered mid-epoch.
 * stage 1 (encoding side): ``user: <media> Describe this.`` → ``assistant: caption``;
 * stage 2 (decoding side): ``user: Generate an image of: caption`` →
   ``assistant: caption [IMG0]…[IMG3]``;
-* stage 3 (instruction tuning): the manifest's conversation as written.
+* stage 3 (instruction tuning): the manifest's conversation as written; a ``caption`` on the
+  last assistant message that generates media gives its signal run a conditioning target.
 
 The encoder is frozen, so each media file is encoded once and its embedding kept on the CPU.
 """
@@ -71,7 +72,8 @@ class Sample:
         line: 1-based line in the manifest.
         media: modality → absolute file paths (caption rows).
         caption: the caption (caption rows).
-        turns: the conversation (conversation rows): ``{"role", "content", "media": {modality: [Path]}}``.
+        turns: the conversation (conversation rows): ``{"role", "content", "media": {modality: [Path]}}``,
+            plus ``"caption"`` on assistant messages that describe the media they generate.
     """
 
     line: int
@@ -95,7 +97,10 @@ def read_manifest(path: str | Path, *, on_error: str = "skip") -> list[Sample]:
     Each non-blank line is a JSON object, either a caption row
     ``{"caption": str, "image": path | [paths], "audio": ..., "video": ...}`` (at least one media
     key) or a conversation row ``{"conversation": [{"role": "user"|"assistant"|"system",
-    "content": str, "image": [paths], ...}, ...]}``. Relative paths resolve against the
+    "content": str, "image": [paths], ...}, ...]}``. An assistant message that generates media
+    (holds a signal run) may carry ``"caption"``, the description of that media: in stage 3 the
+    output projector of the conversation's last captioned run is then trained against the
+    decoder's conditioning of that caption. Relative paths resolve against the
     manifest's folder. ``id`` and ``meta`` keys are allowed and ignored. Every media file is
     decoded once to catch corrupt files.
 
@@ -194,7 +199,7 @@ class _RowValidator:
         where = f"conversation[{index}]"
         if not isinstance(message, dict):
             raise _RowError(f"{where} must be an object with role and content")
-        self._check_keys(message, {"role", "content"}, where)
+        self._check_keys(message, {"role", "content", "caption"}, where)
         role = message.get("role")
         if role not in ROLES:
             raise _RowError(f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -207,7 +212,13 @@ class _RowValidator:
                             f"signal tokens in the assistant's content")
         if not content.strip() and not media:
             raise _RowError(f"{where} is empty; give it content or media")
-        return {"role": role, "content": content, "media": media}
+        turn = {"role": role, "content": content, "media": media}
+        if "caption" in message:
+            if role != "assistant":
+                raise _RowError(f"{where}: only assistant messages take a caption (the description of "
+                                f"the media their signal tokens generate)")
+            turn["caption"] = _non_empty_text(message["caption"], f"{where}.caption")
+        return turn
 
     @staticmethod
     def _check_keys(obj: dict, fields: set[str], where: str) -> None:
@@ -403,8 +414,23 @@ class AlignmentDataset(torch.utils.data.Dataset):
                     raise ConfigError(f"line {sample.line}: the model has no input projector for "
                                       f"{', '.join(bad)}; valid: {', '.join(sorted(readable))}")
                 turns.append(Turn(message["role"], message["content"], refs))
-            items.append(_Item(turns))
+            items.append(_Item(turns, *self._generated_caption(sample)))
         return items
+
+    def _generated_caption(self, sample: Sample) -> tuple[str | None, str | None]:
+        """The caption and modality of the conversation's last captioned assistant message with a
+        signal run (the run the objective scores), or ``(None, None)``."""
+        for message in reversed(sample.turns):
+            caption = message.get("caption")
+            if caption is None:
+                continue
+            made = [m for m, tokens in self.model.lm.signal_tokens.items()
+                    if m in self.model.output_projectors and "".join(tokens) in message["content"]]
+            if len(made) != 1:
+                raise ConfigError(f"line {sample.line}: a captioned assistant message must hold the signal "
+                                  f"run of exactly one output modality, found {made or 'none'}")
+            return caption, made[0]
+        return None, None
 
     @staticmethod
     def _check_modalities(requested: Sequence[str] | None, available: list[str], kind: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Build the miniature from nothing: ``anygpt world build --out DIR``.
 
 Every part of the ``mini`` model that is not the pretrained LLM is trained here by the
-project's own code on the procedural world (:mod:`anygpt.alignment.world`), in ten steps:
+project's own code on the procedural world (:mod:`anygpt.alignment.world`), in eleven steps:
 
 ==================  ===========================================================================
 ``encoder``         ImageBind at small widths, InfoNCE of world media against their captions
@@ -17,6 +17,8 @@ project's own code on the procedural world (:mod:`anygpt.alignment.world`), in t
 ``stage1``          input projectors (the shipped ``stage1_encoding.yaml``)
 ``stage2``          output projectors and signal rows against the trained decoders' conditionings
 ``stage3``          LoRA plus projectors on the dialogues
+``projector-fit``   the output projectors alone, everything else frozen, on the stage-3 data: the
+                    final LLM's signal states are computed once, so many epochs cost seconds
 ``package``         one self-contained model directory, float16 weights, with its licence notes
 ==================  ===========================================================================
 
@@ -335,7 +337,9 @@ def _generic_chat(pipe: Any, max_new_tokens: int, seed: int, progress: bool) -> 
     return answers
 
 
-def _stage_step(stage: int) -> Callable[[_Context], dict[str, Any]]:
+def _stage_step(stage: int, step: str, start: str) -> Callable[[_Context], dict[str, Any]]:
+    """A run of the recipe: the shipped config of ``stage`` with the ``step``'s settings section
+    as overrides, starting from the model that step ``start`` wrote."""
     names = {1: "stage1_encoding.yaml", 2: "stage2_decoding.yaml", 3: "stage3_instruction.yaml"}
 
     def run(ctx: _Context) -> dict[str, Any]:
@@ -344,15 +348,14 @@ def _stage_step(stage: int) -> Callable[[_Context], dict[str, Any]]:
         from anygpt.alignment.recipe import train
 
         data = _records(ctx)["data"]["results"]
-        start = ctx.folder("base-model") / "model" if stage == 1 else ctx.folder(f"stage{stage - 1}") / "model"
         if stage == 3:
             files = {"data.train": data["dialogues_train"], "data.val": data["dialogues_val"],
                      "data.decoding_train": data["captions_train"]}
         else:
             files = {"data.train": data["captions_train"], "data.val": data["captions_val"]}
-        overrides = {"model": str(start), "output_dir": str(ctx.folder(f"stage{stage}")), "seed": ctx.seed,
-                     **files, "log.trackers": ["csv"], "log.progress_bar": ctx.progress,
-                     **ctx.settings[f"stage{stage}"]}
+        overrides = {"model": str(ctx.folder(start) / "model"), "output_dir": str(ctx.folder(step)),
+                     "seed": ctx.seed, **files, "log.trackers": ["csv"], "log.progress_bar": ctx.progress,
+                     **ctx.settings[_SECTIONS[step]]}
         config = load_train_config(CONFIG_DIR / names[stage], [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
         checkpoints = Path(config.output_dir) / "checkpoints"
         result = train(config, resume=latest_checkpoint(checkpoints) is not None)
@@ -363,9 +366,9 @@ def _stage_step(stage: int) -> Callable[[_Context], dict[str, Any]]:
 
 
 def _package_step(ctx: _Context) -> dict[str, Any]:
-    """One self-contained directory: the stage-3 model with its encoder and decoders copied in,
+    """One self-contained directory: the final model with its encoder and decoders copied in,
     every weight file in float16, and a licence note."""
-    folder = package_model(ctx.folder("stage3") / "model", ctx.root / PACKAGE_DIR)
+    folder = package_model(ctx.folder("projector-fit") / "model", ctx.root / PACKAGE_DIR)
     _describe_world(folder, ctx.seed)
     megabytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
     limit = float(ctx.settings["package"]["max_megabytes"])
@@ -383,15 +386,16 @@ STEPS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "video-decoder": _video_decoder_step,
     "base-model": _base_model_step,
     "data": _data_step,
-    "stage1": _stage_step(1),
-    "stage2": _stage_step(2),
-    "stage3": _stage_step(3),
+    "stage1": _stage_step(1, "stage1", start="base-model"),
+    "stage2": _stage_step(2, "stage2", start="stage1"),
+    "stage3": _stage_step(3, "stage3", start="stage2"),
+    "projector-fit": _stage_step(3, "projector-fit", start="stage3"),
     "package": _package_step,
 }
 #: The settings section of each step (whose change makes a recorded step stale).
 _SECTIONS = {"encoder": "encoder", "image-decoder": "image_decoder", "audio-decoder": "audio_decoder",
              "video-decoder": "video_decoder", "base-model": "model", "data": "data", "stage1": "stage1", "stage2": "stage2",
-             "stage3": "stage3"}
+             "stage3": "stage3", "projector-fit": "projector_fit"}
 
 
 def _pipeline(model_dir: Path) -> Any:

@@ -103,16 +103,23 @@ def captioned_signal_states(model: "AnyGPTModel", hidden: torch.Tensor, input_id
                             captions: Sequence[str | None], output_modalities: Sequence[str | None]):
     """Hidden states (R, S, H) of the ``modality`` signal runs of the examples that carry a caption
     for that modality (the last such run per example), and those captions; ``(None, [])`` if none."""
+    rows, states = _captioned_runs(model, hidden, input_ids, modality, captions, output_modalities)
+    return states, [captions[row] for row in rows]
+
+
+def _captioned_runs(model: "AnyGPTModel", hidden: torch.Tensor, input_ids: torch.Tensor, modality: str,
+                    captions: Sequence[str | None], output_modalities: Sequence[str | None]):
+    """The batch rows of :func:`captioned_signal_states` and their run states (R, S, H) (or None)."""
     rows = signal_run_rows(input_ids, model.lm.signal_ids[modality][0]).tolist()
     keep: dict[int, int] = {}  # batch row -> index of its last run
     for index, row in enumerate(rows):
         if output_modalities[row] == modality and captions[row] is not None:
             keep[row] = index
     if not keep:
-        return None, []
+        return [], None
     states = model.signal_states(hidden, input_ids, modality)  # (R_all, S, H)
     chosen = torch.tensor(list(keep.values()), device=states.device)
-    return states[chosen], [captions[row] for row in keep]
+    return list(keep), states[chosen]
 
 
 def conditioning_metrics(predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +142,12 @@ class AlignmentObjective(nn.Module):
         media: denoising targets by modality and caption (needed when ``losses.denoising > 0``).
         extra: trainable modules that act on the model through hooks (the signal-row offsets);
             registered here so that DDP / DeepSpeed see their parameters.
+
+    When only the output projectors train (the LLM, its signal rows, LoRA and the input
+    projectors all frozen) and the LM loss is off, the signal states of an example never change.
+    In training mode they are then computed once per distinct example (token ids and media) and
+    kept: later epochs run the projectors alone, which is what makes many epochs of an
+    output-projector fit affordable. Evaluation always runs the whole model.
     """
 
     def __init__(self, model: "AnyGPTModel", losses: LossConfig, targets: ConditionTargets | None = None,
@@ -147,6 +160,8 @@ class AlignmentObjective(nn.Module):
         self.targets = targets
         self._decoders = dict(decoders or {})
         self.media = media
+        # example key -> (modality, caption, run states (S, H)), or None without a captioned run
+        self._states: dict[tuple, tuple[str, str, torch.Tensor] | None] = {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 media_mask: torch.Tensor, media: Sequence[tuple[str, torch.Tensor]] = (),
@@ -157,6 +172,9 @@ class AlignmentObjective(nn.Module):
         Metrics other than ``loss`` are detached: ``lm``, ``condition_mse/<m>``,
         ``condition_cosine/<m>``, ``denoising/<m>``. ``noise_seed`` seeds the denoising noise.
         """
+        if self.training and self.losses.lm == 0 and self._only_output_projectors_train():
+            return self._forward_memoized(input_ids, attention_mask, media_mask, media, captions,
+                                          output_modalities, noise_seed)
         out = self.model(input_ids, attention_mask=attention_mask, media_mask=media_mask, media=media,
                          labels=labels)
         metrics: dict[str, torch.Tensor] = {}
@@ -178,6 +196,37 @@ class AlignmentObjective(nn.Module):
         zero = sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros(()))
         return zero.float()
 
+    def _only_output_projectors_train(self) -> bool:
+        projectors = {id(p) for p in self.model.output_projectors.parameters()}
+        upstream = [p for p in self.model.parameters() if id(p) not in projectors]
+        return not any(p.requires_grad for p in [*upstream, *self.extra.parameters()])
+
+    def _forward_memoized(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_mask: torch.Tensor,
+                          media: Sequence[tuple[str, torch.Tensor]], captions: Sequence[str | None],
+                          output_modalities: Sequence[str | None], noise_seed: int) -> dict[str, torch.Tensor]:
+        keys = _example_keys(input_ids, attention_mask, media_mask, media, self.model.num_media_tokens())
+        if any(key not in self._states for key in keys):
+            with torch.no_grad():
+                hidden = self.model(input_ids, attention_mask=attention_mask, media_mask=media_mask,
+                                    media=media).hidden_states
+            for key in keys:
+                self._states[key] = None
+            for modality in self.model.output_projectors:
+                rows, states = _captioned_runs(self.model, hidden, input_ids, modality, captions, output_modalities)
+                for row, run in zip(rows, states if states is not None else []):
+                    self._states[keys[row]] = (modality, captions[row], run.detach())
+        metrics: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), dtype=torch.float32, device=self.model.device)
+        for modality in self.model.output_projectors:
+            chosen = [v for v in map(self._states.get, keys) if v is not None and v[0] == modality]
+            if chosen:
+                runs = torch.stack([run for _, _, run in chosen])  # (R, S, H)
+                total = total + self._run_losses(modality, runs, [c for _, c, _ in chosen], noise_seed, metrics)
+        if not total.requires_grad:
+            total = total + self._zero_through_trainable()
+        metrics["loss"] = total
+        return metrics
+
     def _output_side(self, hidden: torch.Tensor, input_ids: torch.Tensor, captions: Sequence[str | None],
                      output_modalities: Sequence[str | None], noise_seed: int,
                      metrics: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -185,20 +234,26 @@ class AlignmentObjective(nn.Module):
         for modality in self.model.output_projectors:
             runs, run_captions = captioned_signal_states(self.model, hidden, input_ids, modality, captions,
                                                          output_modalities)
-            if runs is None:
-                continue
-            predicted = self.model.project_signals(modality, runs)  # (R, Q, out) float32
-            if self.losses.condition_mse > 0 and self.targets is not None:
-                target = self.targets.get(modality, run_captions, predicted.device)
-                mse, cosine = conditioning_metrics(predicted, target)
-                total = total + self.losses.condition_mse * mse
-                metrics[f"condition_mse/{modality}"] = mse.detach()
-                metrics[f"condition_cosine/{modality}"] = cosine.detach()
-            if self.losses.denoising > 0 and modality in self.losses.denoising_modalities:
-                loss = self._denoising(modality, predicted, run_captions, noise_seed)
-                if loss is not None:
-                    total = total + self.losses.denoising * loss
-                    metrics[f"denoising/{modality}"] = loss.detach()
+            if runs is not None:
+                total = total + self._run_losses(modality, runs, run_captions, noise_seed, metrics)
+        return total
+
+    def _run_losses(self, modality: str, runs: torch.Tensor, run_captions: list[str], noise_seed: int,
+                    metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The conditioning and denoising terms of one modality's captioned runs (R, S, H)."""
+        total = torch.zeros((), dtype=torch.float32, device=runs.device)
+        predicted = self.model.project_signals(modality, runs)  # (R, Q, out) float32
+        if self.losses.condition_mse > 0 and self.targets is not None:
+            target = self.targets.get(modality, run_captions, predicted.device)
+            mse, cosine = conditioning_metrics(predicted, target)
+            total = total + self.losses.condition_mse * mse
+            metrics[f"condition_mse/{modality}"] = mse.detach()
+            metrics[f"condition_cosine/{modality}"] = cosine.detach()
+        if self.losses.denoising > 0 and modality in self.losses.denoising_modalities:
+            loss = self._denoising(modality, predicted, run_captions, noise_seed)
+            if loss is not None:
+                total = total + self.losses.denoising * loss
+                metrics[f"denoising/{modality}"] = loss.detach()
         return total
 
     def _denoising(self, modality: str, predicted: torch.Tensor, captions: list[str],
@@ -212,3 +267,19 @@ class AlignmentObjective(nn.Module):
         samples = self.media.get(modality, [captions[i] for i in have], predicted.device)
         generator = torch.Generator(device=decoder.device).manual_seed(noise_seed)
         return decoder.denoising_loss(predicted[have], samples, generator=generator)
+
+
+def _example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, media_mask: torch.Tensor,
+                  media: Sequence[tuple[str, torch.Tensor]], slots: Mapping[str, int]) -> list[tuple]:
+    """One hashable key per batch row: its unpadded token ids and the bytes of its media embeddings
+    (``media`` is in slot order, row by row; each item fills ``slots[modality]`` slots)."""
+    items = iter(media)
+    keys = []
+    for ids, mask, row_slots in zip(input_ids.tolist(), attention_mask.tolist(), media_mask.sum(1).tolist()):
+        row_media = []
+        while row_slots > 0:
+            modality, embedding = next(items)
+            row_media.append((modality, embedding.detach().cpu().float().numpy().tobytes()))
+            row_slots -= slots[modality]
+        keys.append((tuple(i for i, m in zip(ids, mask) if m), tuple(row_media)))
+    return keys

@@ -125,7 +125,7 @@ def _generation_exchange(modality: str, run: str, rng: np.random.Generator) -> l
     caption = item.caption()
     request = pick(rng, REQUESTS[modality].train).format(caption=caption)
     answer = pick(rng, ANSWERS).format(caption=caption, run=run)
-    return [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": answer, "caption": caption}]
 
 
 def _question_exchange(item: _Media, rng: np.random.Generator) -> list[dict]:

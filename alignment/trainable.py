@@ -223,9 +223,12 @@ def merge_into_model(model: "AnyGPTModel", trainable: TrainableParameters) -> di
     weights, leaving a plain model (the trainable set is empty afterwards).
 
     Returns:
-        The merged LoRA factors, ``module path → (A, B, scale)`` (empty without LoRA), so that a
+        Every LoRA merged into the LLM so far, ``module path → (A, B, scale)``: those it was
+        loaded with and the ones merged now (``model.lm.merged_lora``, updated here), so that a
         saved model can store them instead of the whole LLM.
     """
+    from anygpt.checkpoint import stack_lora
+
     if "signal_rows" in trainable.modules:
         trainable.modules["signal_rows"].fold()
         del trainable.modules["signal_rows"]
@@ -239,7 +242,8 @@ def merge_into_model(model: "AnyGPTModel", trainable: TrainableParameters) -> di
         trainable.groups.pop("lora", None)
         trainable.peft_model = None
         logger.info("merged LoRA adapters into the LLM")
-    return factors
+    model.lm.merged_lora = stack_lora(model.lm.merged_lora, factors)
+    return model.lm.merged_lora
 
 
 def lora_factors(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

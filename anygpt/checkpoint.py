@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_model_directory", "load_weights", "load_checkpoint", "convert_nextgpt_state_dict",
-           "merge_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE", "LLM_LORA_FILE"]
+           "merge_lora", "stack_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE", "LLM_LORA_FILE"]
 
 PROJECTORS_FILE = "projectors.safetensors"
 ADDED_TOKENS_FILE = "llm_added_tokens.safetensors"
@@ -93,9 +93,10 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         save_llm: write the whole LLM under ``llm/`` even when the config references it (its
             weights changed). It is also written when it was randomly initialised or changed by
             a NExT-GPT checkpoint.
-        llm_lora: LoRA factors already merged into the model's LLM. Where the LLM is referenced
-            (not written whole), they are written instead (megabytes, not the whole LLM) and
-            merged again when the directory is loaded.
+        llm_lora: LoRA factors already merged into the model's LLM (default: its
+            ``lm.merged_lora``, every LoRA merged so far). Where the LLM is referenced (not
+            written whole), they are written instead (megabytes, not the whole LLM) and merged
+            again when the directory is loaded.
 
     Returns:
         ``directory``.
@@ -114,7 +115,8 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         data = model.config.to_dict()
         data["checkpoint"] = None  # its weights are in the files written below
         writer.encoder(data["encoder"])
-        writer.llm(data["llm"], whole=save_llm or _llm_exists_nowhere_else(model), lora=llm_lora)
+        lora = model.lm.merged_lora if llm_lora is None else llm_lora
+        writer.llm(data["llm"], whole=save_llm or _llm_exists_nowhere_else(model), lora=lora)
         for name in model.config.output_modalities:
             writer.decoder(name, data["modalities"][name]["decoder"], decoders)
         writer.save_tensors(PROJECTORS_FILE, projector_state(model))
@@ -256,8 +258,9 @@ def load_weights(model: "AnyGPTModel", directory: Path | None) -> None:
     if directory is not None and (directory / ADDED_TOKENS_FILE).is_file():
         _load_added_rows(model, load_file(str(directory / ADDED_TOKENS_FILE)))
     if directory is not None and (directory / LLM_LORA_FILE).is_file():
-        merge_lora(model.lm.model, _lora_factors(load_file(str(directory / LLM_LORA_FILE))),
-                   source=directory / LLM_LORA_FILE)
+        factors = _lora_factors(load_file(str(directory / LLM_LORA_FILE)))
+        merge_lora(model.lm.model, factors, source=directory / LLM_LORA_FILE)
+        model.lm.merged_lora = stack_lora(model.lm.merged_lora, factors)
     if model.config.checkpoint:
         load_checkpoint(model, model.config.checkpoint, directory)
 
@@ -400,6 +403,24 @@ def merge_lora(llm: torch.nn.Module, factors: LoraFactors, source: object) -> No
             # In float32, as PEFT merges on the CPU: (out, r) @ (r, in) -> (out, in).
             delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * scale
             weight.add_(delta.to(weight.dtype))
+
+
+def stack_lora(first: LoraFactors, second: LoraFactors) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """One set of factors whose merge equals merging ``first`` then ``second``.
+
+    Where both adapt a module, their ranks are concatenated with the scales folded into A:
+    ``s1 B1 A1 + s2 B2 A2 = [B1 B2] @ [s1 A1; s2 A2]`` (scale 1).
+    """
+    out = dict(first)
+    for path, (a, b, scale) in second.items():
+        if path not in out:
+            out[path] = (a, b, scale)
+            continue
+        a1, b1, s1 = out[path]
+        a_both = torch.cat([a1.float() * s1, a.to(a1.device).float() * scale])  # (r1 + r2, in)
+        b_both = torch.cat([b1.float(), b.to(b1.device).float()], dim=1)  # (out, r1 + r2)
+        out[path] = (a_both, b_both, 1.0)
+    return out
 
 
 def _lora_state(factors: LoraFactors) -> dict[str, torch.Tensor]:

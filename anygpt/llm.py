@@ -97,6 +97,9 @@ class LanguageModel:
         self.media_begin_id = tokenizer.convert_tokens_to_ids(config.media_begin)
         self.media_end_id = tokenizer.convert_tokens_to_ids(config.media_end)
         self.prompt_format = self._pick_format()
+        #: LoRA factors already merged into ``model`` (``module path → (A, B, scale)``), kept so
+        #: that saving a model directory that references the LLM writes them again.
+        self.merged_lora: dict[str, tuple] = {}
 
     # Loading ---------------------------------------------------------------------------------
     @classmethod

@@ -177,6 +177,35 @@ def test_stage3_dialogue_with_media_and_signal_runs(tiny_pipe, media_files):
         AlignmentDataset([Sample(5, {}, turns=turns)], 1, model)
 
 
+def test_stage3_captioned_generation_gets_a_conditioning_target(tiny_pipe, media_dir):
+    """A caption on the assistant message that generates media names that run's target; the last
+    captioned message of a conversation is the one scored."""
+    model = tiny_pipe.model
+    image, audio = ("".join(model.lm.signal_tokens[m]) for m in ("image", "audio"))
+    rows = [{"conversation": [
+        {"role": "user", "content": "draw a red circle"},
+        {"role": "assistant", "content": f"Sure! {image}", "caption": "a red circle"},
+        {"role": "user", "content": "and play a low tone"},
+        {"role": "assistant", "content": f"Here it is. {audio}", "caption": "a low sine tone"}]},
+        {"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    ds = AlignmentDataset(read_manifest(_write_manifest(media_dir, rows), on_error="fail"), 3, model)
+    assert (ds[0]["caption"], ds[0]["output_modality"]) == ("a low sine tone", "audio")
+    assert (ds[1]["caption"], ds[1]["output_modality"]) == (None, None)
+
+    def problem(message):
+        path = _write_manifest(media_dir, [{"conversation": [{"role": "user", "content": "x"}, message]}])
+        with pytest.raises(ManifestError) as error:
+            read_manifest(path, on_error="fail")
+        return str(error.value)
+
+    assert "only assistant messages take a caption" in problem({"role": "user", "content": "x", "caption": "c"})
+    assert "conversation[1].caption is empty" in problem({"role": "assistant", "content": "x", "caption": ""})
+    no_run = _write_manifest(media_dir, [{"conversation": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "no run here", "caption": "c"}]}])
+    with pytest.raises(ConfigError, match="exactly one output modality"):
+        AlignmentDataset(read_manifest(no_run), 3, model)
+
+
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_encoder_runs_once_per_file(tiny_pipe, caption_samples, monkeypatch, batch_size):
     model = tiny_pipe.model
@@ -323,6 +352,8 @@ def test_synthetic_dialogues_are_valid_and_deterministic(synthetic, tmp_path):
     assert len(dialogues) == 12 and len(read_manifest(synthetic["dialogues_val"], on_error="fail")) == 3
     answers = [t["content"] for d in dialogues for t in d.turns if t["role"] == "assistant"]
     assert any("[IMG0][IMG1][IMG2][IMG3]" in a for a in answers)
+    generated = [t for d in dialogues for t in d.turns if t["role"] == "assistant" and "[" in t["content"]]
+    assert generated and all(t.get("caption") for t in generated)  # every generated medium names its target
     assert any(t["media"] for d in dialogues for t in d.turns)
     again = make_synthetic_dataset(tmp_path / "again", num_train=12, num_val=3, seed=3)
     other = make_synthetic_dataset(tmp_path / "other", num_train=12, num_val=3, seed=4)

@@ -348,6 +348,65 @@ def test_stage3_emits_the_requested_signal_run(data, tmp_path):
     assert any("q_proj" in k for k in changed) and not any("norm" in k for k in changed)
 
 
+def _projector_objective(pipe, rows, tmp_path, **trainable):
+    from anygpt.alignment.config import LossConfig, TrainableConfig
+    from anygpt.alignment.objective import AlignmentObjective, ConditionTargets
+    from anygpt.alignment.targets import TargetCache
+    from anygpt.alignment.trainable import configure_trainable
+
+    model = pipe.model
+    chosen = configure_trainable(model, TrainableConfig(**{"input_projectors": [], "output_projectors": "all",
+                                                          "signal_embeddings": False, "lora": None, **trainable}))
+    cache, ids = TargetCache(tmp_path / "targets"), {}
+    for modality in model.output_projectors:
+        decoder = pipe.decoder(modality)
+        cache.build(decoder, sorted({r.caption for r in rows}))
+        ids[modality] = TargetCache.decoder_id(decoder)
+    return AlignmentObjective(model, LossConfig(lm=0.0, condition_mse=1.0), targets=ConditionTargets(cache, ids),
+                              extra=chosen.modules)
+
+
+def _loss_and_grads(objective, batch):
+    objective.zero_grad()
+    loss = objective(**batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+
+
+def test_projector_only_training_computes_each_examples_signal_states_once(data, tmp_path):
+    """With everything upstream of the output projectors frozen, later epochs run the projectors
+    alone, and give exactly the loss and gradients of the full forward pass."""
+    from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
+    from anygpt.alignment.recipe import _pad_id
+
+    pipe = _tiny()
+    rows = read_manifest(data["captions_train"])[:6]
+    objective = _projector_objective(pipe, rows, tmp_path)
+    dataset = AlignmentDataset(rows, 2, pipe.model)
+    batch = collate([dataset[i] for i in range(len(dataset))], pad_id=_pad_id(pipe.model))
+    calls = []
+    pipe.model.lm.model.register_forward_hook(lambda *args: calls.append(1))
+    objective.eval()  # evaluation always runs the whole model
+    full_loss, full_grads = _loss_and_grads(objective, batch)
+    objective.train()
+    first = _loss_and_grads(objective, batch)
+    assert len(calls) == 2
+    second = _loss_and_grads(objective, batch)
+    assert len(calls) == 2  # no LLM pass: the states were kept
+    assert full_grads and full_grads.keys() == first[1].keys() == second[1].keys()
+    for loss, grads in (first, second):
+        torch.testing.assert_close(loss, full_loss)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, full_grads[name], msg=name)
+    # Trainable signal rows change the states: every step runs the LLM again.
+    pipe = _tiny()
+    objective = _projector_objective(pipe, rows, tmp_path / "rows", signal_embeddings=True).train()
+    calls.clear()
+    pipe.model.lm.model.register_forward_hook(lambda *args: calls.append(1))
+    _loss_and_grads(objective, batch), _loss_and_grads(objective, batch)
+    assert len(calls) == 2
+
+
 @pytest.mark.slow
 def test_lora_on_a_referenced_llm_is_saved_as_factors(stage2, data, tmp_path, monkeypatch):
     """Stage 3 from a model directory whose LLM is referenced by path (like a hub LLM or the mini
@@ -379,6 +438,15 @@ def test_lora_on_a_referenced_llm_is_saved_as_factors(stage2, data, tmp_path, mo
     assert any("q_proj" in k for k in _changed(before, after))
     for key, value in merged.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6, msg=key)
+
+    # A later run without LoRA (the miniature's projector fit) keeps the merged LoRA it started from.
+    fit = _config(3, tmp_path / "fit", data, f"model={saved}", "train.max_steps=2", "train.batch_size=4",
+                  "data.val=null", "trainable.input_projectors=[]", "trainable.signal_embeddings=false",
+                  "trainable.lora=null", "loss.lm=0.0")
+    refit = _load(recipe.train(fit).model_dir).model
+    assert (Path(fit.output_dir) / "model" / LLM_LORA_FILE).is_file()
+    for key, value in refit.lm.model.state_dict().items():
+        torch.testing.assert_close(value, after[key], rtol=0, atol=1e-6, msg=key)
 
 
 # Resume ------------------------------------------------------------------------------------------

@@ -181,3 +181,20 @@ def test_save_refuses_to_replace_other_folders_or_drop_random_decoders(tiny_pipe
     with pytest.raises(ConfigError, match="image decoder was built from `arch`.*pass it in `decoders`"):
         save_model_directory(tiny_pipe.model, tmp_path / "model", decoders={}, base_dir=None)
     assert list(tmp_path.iterdir()) == [tmp_path / "notes.txt"]  # nothing half-written is left
+
+
+def test_stacked_lora_merges_as_both_in_turn():
+    from anygpt.checkpoint import merge_lora, stack_lora
+
+    g = torch.Generator().manual_seed(0)
+    first = {"a": (torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g), 0.5)}
+    second = {"a": (torch.randn(4, 5, generator=g), torch.randn(3, 4, generator=g), 2.0),
+              "b": (torch.randn(1, 5, generator=g), torch.randn(3, 1, generator=g), 1.0)}
+    in_turn = torch.nn.ModuleDict({"a": torch.nn.Linear(5, 3), "b": torch.nn.Linear(5, 3)})
+    stacked = torch.nn.ModuleDict({"a": torch.nn.Linear(5, 3), "b": torch.nn.Linear(5, 3)})
+    stacked.load_state_dict(in_turn.state_dict())
+    merge_lora(in_turn, first, source="first")
+    merge_lora(in_turn, second, source="second")
+    merge_lora(stacked, stack_lora(first, second), source="stacked")
+    for key, value in in_turn.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[key], value, msg=key)

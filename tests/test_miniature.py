@@ -96,5 +96,5 @@ def test_quick_build_runs_end_to_end_and_resumes(tmp_path):
     with pytest.raises(ConfigError, match="--redo stage3"):
         miniature.build_miniature(out, changed, progress=False)
     redone = miniature.build_miniature(out, changed, redo=["stage3"], progress=False)
-    assert redone.ran == ["stage3", "package"]
+    assert redone.ran == ["stage3", "projector-fit", "package"]
     assert redone.steps["stage3"]["results"]["steps"] == 3
