@@ -205,16 +205,13 @@ class AlignmentObjective(nn.Module):
                           media: Sequence[tuple[str, torch.Tensor]], captions: Sequence[str | None],
                           output_modalities: Sequence[str | None], noise_seed: int) -> dict[str, torch.Tensor]:
         keys = _example_keys(input_ids, attention_mask, media_mask, media, self.model.num_media_tokens())
-        if any(key not in self._states for key in keys):
-            with torch.no_grad():
-                hidden = self.model(input_ids, attention_mask=attention_mask, media_mask=media_mask,
-                                    media=media).hidden_states
-            for key in keys:
-                self._states[key] = None
-            for modality in self.model.output_projectors:
-                rows, states = _captioned_runs(self.model, hidden, input_ids, modality, captions, output_modalities)
-                for row, run in zip(rows, states if states is not None else []):
-                    self._states[keys[row]] = (modality, captions[row], run.detach())
+        for row, key in enumerate(keys):
+            if key not in self._states and (captions[row] is None or output_modalities[row] is None):
+                self._states[key] = None  # nothing to score: no LLM pass needed
+        missing = [row for row, key in enumerate(keys) if key not in self._states]
+        if missing:
+            self._compute_states(missing, keys, input_ids, attention_mask, media_mask, media, captions,
+                                 output_modalities)
         metrics: dict[str, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.float32, device=self.model.device)
         for modality in self.model.output_projectors:
@@ -226,6 +223,27 @@ class AlignmentObjective(nn.Module):
             total = total + self._zero_through_trainable()
         metrics["loss"] = total
         return metrics
+
+    def _compute_states(self, rows: list[int], keys: list[tuple], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, media_mask: torch.Tensor,
+                        media: Sequence[tuple[str, torch.Tensor]], captions: Sequence[str | None],
+                        output_modalities: Sequence[str | None]) -> None:
+        """Run the frozen model on the batch ``rows`` alone and keep their captioned run states."""
+        per_row = _row_media(media_mask, media, self.model.num_media_tokens())
+        length = int(attention_mask[rows].sum(1).max())  # right padding: later columns are padding
+        index = torch.tensor(rows)
+        with torch.no_grad():
+            hidden = self.model(input_ids[index, :length], attention_mask=attention_mask[index, :length],
+                                media_mask=media_mask[index, :length],
+                                media=[m for row in rows for m in per_row[row]]).hidden_states
+        for row in rows:
+            self._states[keys[row]] = None
+        sub_captions, sub_outputs = [captions[r] for r in rows], [output_modalities[r] for r in rows]
+        for modality in self.model.output_projectors:
+            found, states = _captioned_runs(self.model, hidden, input_ids[index, :length], modality, sub_captions,
+                                            sub_outputs)
+            for sub_row, run in zip(found, states if states is not None else []):
+                self._states[keys[rows[sub_row]]] = (modality, sub_captions[sub_row], run.detach())
 
     def _output_side(self, hidden: torch.Tensor, input_ids: torch.Tensor, captions: Sequence[str | None],
                      output_modalities: Sequence[str | None], noise_seed: int,
@@ -269,17 +287,25 @@ class AlignmentObjective(nn.Module):
         return decoder.denoising_loss(predicted[have], samples, generator=generator)
 
 
+def _row_media(media_mask: torch.Tensor, media: Sequence[tuple[str, torch.Tensor]],
+               slots: Mapping[str, int]) -> list[list[tuple[str, torch.Tensor]]]:
+    """``media`` (slot order, row by row; each item fills ``slots[modality]`` slots) split by row."""
+    items = iter(media)
+    rows = []
+    for row_slots in media_mask.sum(1).tolist():
+        row = []
+        while row_slots > 0:
+            row.append(next(items))
+            row_slots -= slots[row[-1][0]]
+        rows.append(row)
+    return rows
+
+
 def _example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, media_mask: torch.Tensor,
                   media: Sequence[tuple[str, torch.Tensor]], slots: Mapping[str, int]) -> list[tuple]:
-    """One hashable key per batch row: its unpadded token ids and the bytes of its media embeddings
-    (``media`` is in slot order, row by row; each item fills ``slots[modality]`` slots)."""
-    items = iter(media)
+    """One hashable key per batch row: its unpadded token ids and the bytes of its media embeddings."""
     keys = []
-    for ids, mask, row_slots in zip(input_ids.tolist(), attention_mask.tolist(), media_mask.sum(1).tolist()):
-        row_media = []
-        while row_slots > 0:
-            modality, embedding = next(items)
-            row_media.append((modality, embedding.detach().cpu().float().numpy().tobytes()))
-            row_slots -= slots[modality]
-        keys.append((tuple(i for i, m in zip(ids, mask) if m), tuple(row_media)))
+    for ids, mask, row in zip(input_ids.tolist(), attention_mask.tolist(), _row_media(media_mask, media, slots)):
+        row_media = tuple((m, e.detach().cpu().float().numpy().tobytes()) for m, e in row)
+        keys.append((tuple(i for i, keep in zip(ids, mask) if keep), row_media))
     return keys
