@@ -204,13 +204,14 @@ class AlignmentObjective(nn.Module):
     def _forward_memoized(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_mask: torch.Tensor,
                           media: Sequence[tuple[str, torch.Tensor]], captions: Sequence[str | None],
                           output_modalities: Sequence[str | None], noise_seed: int) -> dict[str, torch.Tensor]:
-        keys = _example_keys(input_ids, attention_mask, media_mask, media, self.model.num_media_tokens())
+        per_row = _row_media(media_mask, media, self.model.num_media_tokens())
+        keys = _example_keys(input_ids, attention_mask, per_row)
         for row, key in enumerate(keys):
             if key not in self._states and (captions[row] is None or output_modalities[row] is None):
                 self._states[key] = None  # nothing to score: no LLM pass needed
         missing = [row for row, key in enumerate(keys) if key not in self._states]
         if missing:
-            self._compute_states(missing, keys, input_ids, attention_mask, media_mask, media, captions,
+            self._compute_states(missing, keys, input_ids, attention_mask, media_mask, per_row, captions,
                                  output_modalities)
         metrics: dict[str, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.float32, device=self.model.device)
@@ -226,10 +227,10 @@ class AlignmentObjective(nn.Module):
 
     def _compute_states(self, rows: list[int], keys: list[tuple], input_ids: torch.Tensor,
                         attention_mask: torch.Tensor, media_mask: torch.Tensor,
-                        media: Sequence[tuple[str, torch.Tensor]], captions: Sequence[str | None],
+                        per_row: list[list[tuple[str, torch.Tensor]]], captions: Sequence[str | None],
                         output_modalities: Sequence[str | None]) -> None:
-        """Run the frozen model on the batch ``rows`` alone and keep their captioned run states."""
-        per_row = _row_media(media_mask, media, self.model.num_media_tokens())
+        """Run the frozen model on the batch ``rows`` alone (``per_row``: each row's media) and keep
+        their captioned run states."""
         length = int(attention_mask[rows].sum(1).max())  # right padding: later columns are padding
         index = torch.tensor(rows)
         with torch.no_grad():
@@ -301,11 +302,11 @@ def _row_media(media_mask: torch.Tensor, media: Sequence[tuple[str, torch.Tensor
     return rows
 
 
-def _example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, media_mask: torch.Tensor,
-                  media: Sequence[tuple[str, torch.Tensor]], slots: Mapping[str, int]) -> list[tuple]:
+def _example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  per_row: list[list[tuple[str, torch.Tensor]]]) -> list[tuple]:
     """One hashable key per batch row: its unpadded token ids and the bytes of its media embeddings."""
     keys = []
-    for ids, mask, row in zip(input_ids.tolist(), attention_mask.tolist(), _row_media(media_mask, media, slots)):
+    for ids, mask, row in zip(input_ids.tolist(), attention_mask.tolist(), per_row):
         row_media = tuple((m, e.detach().cpu().float().numpy().tobytes()) for m, e in row)
         keys.append((tuple(i for i, keep in zip(ids, mask) if keep), row_media))
     return keys

@@ -54,6 +54,33 @@ def ui_url(tiny_pipe, tmp_path_factory):
         yield url
 
 
+def _artifacts(tmp_path):
+    folder = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _chat_page(url, artifacts, name):
+    """A Chromium page on the app at ``url``, ready for a message. On a failure inside the block
+    the page is saved as ``<name>_failure.png`` and ``.html`` in ``artifacts``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        try:
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#message textarea", timeout=60_000)
+            yield page
+        except Exception:
+            page.screenshot(path=str(artifacts / f"{name}_failure.png"), full_page=True)
+            (artifacts / f"{name}_failure.html").write_text(page.content())
+            raise
+        finally:
+            browser.close()
+
+
 def _send(page, text, files, output):
     page.get_by_label(output, exact=True).check()
     box = page.locator("#message textarea")
@@ -65,32 +92,17 @@ def _send(page, text, files, output):
 
 
 def test_browser_chat_turns_show_image_and_audio(ui_url, media_files, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        try:
-            page.goto(ui_url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector("#message textarea", timeout=60_000)
-            assert "tiny" in page.locator("#header").inner_text()
-
-            bot = page.locator("#chatbot [data-testid='bot']")
-            _send(page, "What is in this picture? Draw one.", [media_files["image"]], "image")
-            bot.locator("img").first.wait_for(timeout=60_000)
-            _send(page, "Now make a sound.", [], "audio")
-            bot.locator("audio, [data-testid='waveform-Audio'], .waveform-container, .audio-player").first \
-                .wait_for(state="attached", timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "app_chat.png"), full_page=True)
-            assert page.locator("#chatbot [data-testid='user'] img").count() >= 1  # the upload is shown
-        except Exception:
-            page.screenshot(path=str(ARTIFACTS / "app_chat_failure.png"), full_page=True)
-            (ARTIFACTS / "app_chat_failure.html").write_text(page.content())
-            raise
-        finally:
-            browser.close()
+    artifacts = _artifacts(tmp_path)
+    with _chat_page(ui_url, artifacts, "app_chat") as page:
+        assert "tiny" in page.locator("#header").inner_text()
+        bot = page.locator("#chatbot [data-testid='bot']")
+        _send(page, "What is in this picture? Draw one.", [media_files["image"]], "image")
+        bot.locator("img").first.wait_for(timeout=60_000)
+        _send(page, "Now make a sound.", [], "audio")
+        bot.locator("audio, [data-testid='waveform-Audio'], .waveform-container, .audio-player").first \
+            .wait_for(state="attached", timeout=60_000)
+        page.screenshot(path=str(artifacts / "app_chat.png"), full_page=True)
+        assert page.locator("#chatbot [data-testid='user'] img").count() >= 1  # the upload is shown
 
 
 @pytest.fixture(scope="module")
@@ -108,28 +120,16 @@ def test_browser_image_request_to_mini_is_answered_with_a_picture(mini_app, tmp_
     import json
 
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
     from anygpt.alignment.world import detect_image
 
     url, out = mini_app
-    artifacts = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        try:
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector("#message textarea", timeout=60_000)
-            assert "circle" in page.locator("#header").inner_text()  # it says what it knows
-            _send(page, "Show me a picture of a red circle on a white background.", [], "auto")
-            page.locator("#chatbot [data-testid='bot'] img").first.wait_for(timeout=120_000)
-            page.screenshot(path=str(artifacts / "app_mini_world.png"), full_page=True)
-        except Exception:
-            page.screenshot(path=str(artifacts / "app_mini_world_failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+    artifacts = _artifacts(tmp_path)
+    with _chat_page(url, artifacts, "app_mini_world") as page:
+        assert "circle" in page.locator("#header").inner_text()  # it says what it knows
+        _send(page, "Show me a picture of a red circle on a white background.", [], "auto")
+        page.locator("#chatbot [data-testid='bot'] img").first.wait_for(timeout=120_000)
+        page.screenshot(path=str(artifacts / "app_mini_world.png"), full_page=True)
     drawn = [p for p in out.rglob("*.png") if "examples" not in p.parts]
     assert len(drawn) == 1
     found = {name: d.value for name, d in detect_image(Image.open(drawn[0])).items()}
