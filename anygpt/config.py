@@ -197,6 +197,10 @@ class DecoderConfig(DecodeOptions):
             default: the modality's ``default_decoder`` (see :mod:`anygpt.modalities`).
         pretrained: hub id or local directory of a diffusers pipeline; None builds ``arch``.
         arch: sizes of tiny components built from configs with seeded random weights.
+        condition_shape: ``[tokens, width]`` of one item's conditioning (SD-1.5: ``[77, 768]``).
+            When set, the model is built without reading any of the decoder's files, and the
+            decoder is checked against it when it loads; else ``pretrained``'s text-encoder
+            config is read to find it.
         dtype: weights dtype on GPU (decoders stay float32 on CPU).
         seed: seed for random initialisation of ``arch`` components.
     """
@@ -204,12 +208,18 @@ class DecoderConfig(DecodeOptions):
     name: Optional[str] = None
     pretrained: Optional[str] = None
     arch: Optional[dict] = None
+    condition_shape: Optional[list] = None
     dtype: str = "float16"
     seed: int = 0
 
     def validate(self, path: str) -> None:
         require(self.pretrained is not None or self.arch is not None, path,
                "set `pretrained` (hub id or directory) or `arch` (tiny random components)")
+        if self.condition_shape is not None:
+            shape = self.condition_shape
+            require(len(shape) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                            for n in shape),
+                    f"{path}.condition_shape", f"must be two positive integers [tokens, width], got {shape!r}")
         require(self.dtype in DTYPE_NAMES, f"{path}.dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
         validate_options(self, path)
 

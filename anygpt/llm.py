@@ -22,7 +22,7 @@ import torch
 from anygpt.config import LLMConfig
 from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, ContextLengthError, WeightsNotFoundError
-from anygpt.paths import cache_dir, resolve_path
+from anygpt.paths import CACHE_PLACEHOLDER, cache_dir, looks_like_path, resolve_path
 from anygpt.seeding import seeded
 from anygpt.turns import MediaRef, Turn
 
@@ -335,6 +335,8 @@ def _resolve_source(config: LLMConfig, base_dir: Path | None) -> tuple[str, dict
         path = resolve_path(config.pretrained, base_dir)
         if os.path.isdir(path):
             return path, ({"gguf_file": config.gguf_file} if config.gguf_file else {})
+        if looks_like_path(config.pretrained):
+            raise WeightsNotFoundError(_missing_folder("llm.pretrained", config.pretrained, path))
     if config.local_package and _package_gguf(config) is not None:
         return str(_converted_package_folder(config)), {}
     if config.pretrained is None:
@@ -344,6 +346,16 @@ def _resolve_source(config: LLMConfig, base_dir: Path | None) -> tuple[str, dict
     return config.pretrained, ({"gguf_file": config.gguf_file} if config.gguf_file else {})
 
 
+def _missing_folder(setting: str, value: str, path: str) -> str:
+    """One line: which setting names a folder that is not there, where it was looked for, and
+    what to put there."""
+    where = f"{path} (from {value!r}; {{cache}} is $ANYGPT_CACHE, else $XDG_CACHE_HOME/anygpt or ~/.cache/anygpt)" \
+        if value.startswith(CACHE_PLACEHOLDER) else path
+    return (f"{setting}: no model folder at {where}; put a Hugging Face model folder there (config.json, "
+            f"tokenizer files and weights, as save_pretrained writes them), or set {setting} to its path "
+            f"or to a hub id")
+
+
 def _load_tokenizer(config: LLMConfig, base_dir: Path | None) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
@@ -351,6 +363,8 @@ def _load_tokenizer(config: LLMConfig, base_dir: Path | None) -> "PreTrainedToke
         return build_byte_level_tokenizer()
     if config.tokenizer is not None:
         source, kwargs = resolve_path(config.tokenizer, base_dir), {}
+        if looks_like_path(config.tokenizer) and not os.path.isdir(source):
+            raise WeightsNotFoundError(_missing_folder("llm.tokenizer", config.tokenizer, source))
     else:
         source, kwargs = _resolve_source(config, base_dir)
     try:

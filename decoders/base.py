@@ -145,6 +145,7 @@ class Decoder:
         else:
             pipeline = cls._build_tiny_pipeline(config)
         decoder = cls(pipeline, config).to(device, dtype)
+        decoder._check_condition_shape()
         logger.info("Decoder %r ready (%s) in %.1f s.", cls.name,
                     config.pretrained or "tiny random arch", time.perf_counter() - start)
         return decoder
@@ -199,9 +200,12 @@ class Decoder:
     def condition_shape_from_config(cls, config: DecoderConfig) -> tuple[int, int]:
         """The conditioning shape ``config`` will give, without building or loading any weights.
 
-        For ``arch`` configs it follows from the tiny sizes; for ``pretrained`` ones only the text
-        encoder's ``config.json`` and the tokenizer's ``tokenizer_config.json`` are read.
+        It is ``config.condition_shape`` where set (nothing is read). Otherwise, for ``arch``
+        configs it follows from the tiny sizes; for ``pretrained`` ones only the text encoder's
+        ``config.json`` and the tokenizer's ``tokenizer_config.json`` are read.
         """
+        if config.condition_shape is not None:
+            return tuple(config.condition_shape)
         if config.pretrained is None:
             arch = cls.resolve_arch(config.arch)
             return cls._condition_shape(cls._tiny_text_config(arch), arch["model_max_length"])
@@ -213,6 +217,16 @@ class Decoder:
                 source, subfolder="text_encoder")
             max_length = _tokenizer_max_length(source, default=text_config.max_position_embeddings)
         return cls._condition_shape(text_config, max_length)
+
+    def _check_condition_shape(self) -> None:
+        declared = self.config.condition_shape
+        if declared is not None and tuple(declared) != self.condition_shape:
+            source = self.config.pretrained or "its arch"
+            raise ConfigError(
+                f"decoder {self.name!r} from {source!r} conditions on {_shape(self.condition_shape)} states, "
+                f"but its config's condition_shape says {_shape(declared)}, which the output projector was "
+                f"built for; set condition_shape to {list(self.condition_shape)} (and retrain or reconvert "
+                f"the output projector), or point `pretrained` at the decoder the model was trained for")
 
     @property
     def condition_shape(self) -> tuple[int, int]:
@@ -520,6 +534,10 @@ def _check_choice(decoder: str, key: str, value: Any, valid: tuple[str, ...]) ->
         raise ConfigError(f"decoder {decoder!r} arch.{key}: must be one of {', '.join(valid)}, got {value!r}")
 
 
+def _shape(shape: Sequence[int]) -> str:
+    return "×".join(str(n) for n in shape)
+
+
 def _resolve_source(pretrained: str) -> str:
     """``pretrained`` as a local pipeline directory or a hub id; a missing path raises early."""
     path = Path(resolve_path(pretrained, None))
@@ -533,7 +551,7 @@ def _resolve_source(pretrained: str) -> str:
     if looks_like_path(pretrained):
         raise WeightsNotFoundError(
             f"decoder weights directory {pretrained!r} does not exist. Fix `pretrained` to point to a "
-            "diffusers pipeline directory, or to a hub id such as runwayml/stable-diffusion-v1-5.")
+            "diffusers pipeline directory, or to a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.")
     return pretrained
 
 

@@ -46,7 +46,7 @@ def test_errors_print_one_line_and_exit_nonzero(capsys, tmp_path):
 def test_presets_lists_components(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    assert "nextgpt-7b:" in out and "runwayml/stable-diffusion-v1-5" in out and "tiny:" in out
+    assert "nextgpt-7b:" in out and "stable-diffusion-v1-5/stable-diffusion-v1-5" in out and "tiny:" in out
     assert main(["presets", "--show", "tiny"]) == 0
     assert "name: tiny" in capsys.readouterr().out
 

@@ -118,6 +118,27 @@ def test_condition_shape_from_config(decoder):
     assert embeds.dtype == torch.float32 and not embeds.requires_grad
 
 
+def test_a_declared_condition_shape_is_used_without_reading_the_pipeline():
+    # A hub id that is in no cache, offline: only the declared shape can answer.
+    config = DecoderConfig(name="stable-diffusion", pretrained="nobody/no-such-pipeline", condition_shape=[77, 768])
+    assert decoders.condition_shape(config) == (77, 768)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_declared_condition_shape_is_checked_when_the_decoder_loads(name):
+    declared = list(TINY_SHAPES[name])
+    assert decoders.load_decoder(tiny_config(name, condition_shape=declared)).condition_shape == tuple(declared)
+    wrong = [declared[0], declared[1] + 1]
+    with pytest.raises(ConfigError, match=rf"condition_shape says {wrong[0]}×{wrong[1]}.*set condition_shape to"):
+        decoders.load_decoder(tiny_config(name, condition_shape=wrong))
+
+
+@pytest.mark.parametrize("shape", [[77], [77, 0], [77, 768.0], [True, 768]])
+def test_a_malformed_condition_shape_is_a_config_error(shape):
+    with pytest.raises(ConfigError, match="condition_shape"):
+        DecoderConfig(name="stable-diffusion", pretrained="x/y", condition_shape=shape).validate("decoder")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_condition_shape_follows_arch_overrides(name):
     width_key = "projection_dim" if name == "audioldm" else "text_hidden_size"
