@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from anygpt import nextgpt
 from anygpt.config import CONFIG_FILENAME, AnyGPTConfig
 from anygpt.encoders import IMAGEBIND_HUGE
 from anygpt.errors import ConfigError, WeightsNotFoundError
@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_model_directory", "load_weights", "load_checkpoint", "convert_nextgpt_state_dict",
-           "merge_lora", "stack_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE", "LLM_LORA_FILE"]
+__all__ = ["save_model_directory", "load_weights", "load_checkpoint", "load_nextgpt_state", "read_nextgpt_file",
+           "check_replaceable", "merge_lora", "stack_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE",
+           "LLM_LORA_FILE"]
 
 PROJECTORS_FILE = "projectors.safetensors"
 ADDED_TOKENS_FILE = "llm_added_tokens.safetensors"
@@ -106,7 +107,7 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
             that must be saved is missing from ``decoders``.
     """
     directory = Path(directory)
-    _check_replaceable(directory)
+    check_replaceable(directory)
     staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -223,8 +224,12 @@ def _write_llm_folder(lm: LanguageModel, folder: Path) -> Path:
     return folder
 
 
-def _check_replaceable(directory: Path) -> None:
-    """Refuse to replace a folder that holds anything but a model directory."""
+def check_replaceable(directory: Path) -> None:
+    """Refuse to replace a folder that holds anything but a model directory.
+
+    Raises:
+        ConfigError: ``directory`` exists and is neither empty nor a model directory.
+    """
     if directory.exists() and not (directory.is_dir() and (
             (directory / CONFIG_FILENAME).is_file() or not any(directory.iterdir()))):
         raise ConfigError(f"{directory} exists and is not an AnyGPT model directory (no {CONFIG_FILENAME}); "
@@ -288,12 +293,23 @@ def _load_added_rows(model: "AnyGPTModel", state: dict[str, torch.Tensor]) -> No
             out[ids] = state["output_embeddings"].to(out.device, out.dtype)
 
 
-def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None = None) -> None:
+def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None = None, *,
+                    lora_alpha: float | None = None, lora_r: int | None = None,
+                    allow_unexpected: bool = False) -> None:
     """Load trained weights named by ``config.checkpoint``.
 
     Args:
         reference: a local file, or ``hub_id:filename``. ``.safetensors`` files are AnyGPT's
-            projector format; ``.pt``/``.pth``/``.bin`` files are NExT-GPT's flat state dict.
+            projector format; ``.pt``/``.pth``/``.bin`` files are NExT-GPT's flat state dict,
+            checked against the model (every key, every shape) before anything is loaded.
+        lora_alpha, lora_r: NExT-GPT's LoRA hyper-parameters (default: a PEFT
+            ``adapter_config.json`` next to the file, else NExT-GPT's alpha 32; see
+            :func:`anygpt.nextgpt.lora_scale`).
+        allow_unexpected: ignore (with a warning) tensors a NExT-GPT checkpoint should not hold.
+
+    Raises:
+        WeightsNotFoundError: the file cannot be had, or does not fit the model (the message lists
+            what is missing, misshapen or unexpected, or names the token that cannot be mapped).
     """
     path = _fetch(reference, base_dir)
     if path.suffix == ".safetensors":
@@ -301,10 +317,8 @@ def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None 
 
         _load_projectors(model, load_file(str(path)), path)
         return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    converted = convert_nextgpt_state_dict(state, model)
-    _load_projectors(model, converted["projectors"], path)
-    _apply_nextgpt_llm(model, converted)
+    load_nextgpt_state(model, read_nextgpt_file(path), source=path, folder=path.parent, lora_alpha=lora_alpha,
+                       lora_r=lora_r, allow_unexpected=allow_unexpected)
     logger.info("loaded NExT-GPT checkpoint %s", path)
 
 
@@ -327,64 +341,54 @@ def _fetch(reference: str, base_dir: Path | None) -> Path:
 
 
 # NExT-GPT ---------------------------------------------------------------------------------------
-_NEXTGPT_OUTPUTS = {"image": "gen_text_hidden_fcs.0.", "video": "gen_text_hidden_fcs_video.0.",
-                    "audio": "gen_text_hidden_fcs_audio.0."}
-_NEXTGPT_LLM = "llama_model.base_model.model."
-_LORA = re.compile(r"^llama_model\.base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
-def convert_nextgpt_state_dict(state: dict[str, torch.Tensor], model: "AnyGPTModel") -> dict:
-    """Map NExT-GPT's flat ``pytorch_model.pt`` to AnyGPT's names.
+def read_nextgpt_file(path: Path) -> dict[str, torch.Tensor]:
+    """NExT-GPT's ``pytorch_model.pt``, memory-mapped where the file format allows.
 
-    Returns a dict with ``projectors`` (AnyGPT projector keys), ``embed_tokens``/``lm_head``
-    (whole resized matrices, if present) and ``lora`` (``module path → (A, B)``).
-    NExT-GPT uses one ``llama_proj`` for every input modality; it is copied to each.
+    Raises:
+        WeightsNotFoundError: the file is not a flat state dict of tensors.
     """
-    from anygpt.projectors import LinearInputProjector
-
-    projectors: dict[str, torch.Tensor] = {}
-    for name, proj in model.input_projectors.items():
-        if not (isinstance(proj, LinearInputProjector) and proj.num_tokens == 1):
-            raise WeightsNotFoundError(
-                f"NExT-GPT checkpoint: its input projector `llama_proj` is one Linear layer giving one "
-                f"token, but modalities.{name}.input_projector is not; set it to "
-                f"{{kind: linear, num_tokens: 1}} to load this checkpoint")
-        for suffix in ("weight", "bias"):
-            if f"llama_proj.{suffix}" in state:
-                projectors[f"input_projectors.{name}.proj.{suffix}"] = state[f"llama_proj.{suffix}"]
-    for name, prefix in _NEXTGPT_OUTPUTS.items():
-        if name in model.output_projectors:
-            projectors.update({f"output_projectors.{name}.{k[len(prefix):]}": v
-                               for k, v in state.items() if k.startswith(prefix)})
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        match = _LORA.match(key)
-        if match:
-            lora.setdefault(match.group(1), {})[match.group(2)] = value
-    return {
-        "projectors": projectors,
-        "embed_tokens": state.get(_NEXTGPT_LLM + "model.embed_tokens.weight"),
-        "lm_head": state.get(_NEXTGPT_LLM + "lm_head.weight"),
-        "lora": {path: (ab["A"], ab["B"]) for path, ab in lora.items()},
-    }
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files written before torch's zip format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors vary by torch version
+        raise WeightsNotFoundError(f"{path}: not a readable torch state dict ({exc}); give NExT-GPT's "
+                                   f"pytorch_model.pt") from exc
+    if not (isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise WeightsNotFoundError(f"{path}: not a flat state dict of tensors (NExT-GPT's pytorch_model.pt is one)")
+    return dict(state)
 
 
-def _apply_nextgpt_llm(model: "AnyGPTModel", converted: dict, lora_scale: float = 1.0) -> None:
-    """Copy the resized embedding matrices and merge LoRA (W += scale · B @ A; NExT-GPT used
-    r = alpha = 32, so scale 1) into the LLM's weights."""
-    llm = model.lm.model
+def load_nextgpt_state(model: "AnyGPTModel", state: Mapping[str, torch.Tensor], *, source: object,
+                       folder: Path | None = None, lora_alpha: float | None = None, lora_r: int | None = None,
+                       allow_unexpected: bool = False) -> None:
+    """Check NExT-GPT's flat state dict against ``model``, then load it: projectors, the
+    embedding and LM-head rows (moved from NExT-GPT's token ids to the model's, by token string)
+    and the LoRA factors (merged as ``W + alpha / r · B @ A``).
+
+    Args:
+        folder: where to look for a PEFT ``adapter_config.json`` (the checkpoint's folder).
+        lora_alpha, lora_r, allow_unexpected: as for :func:`load_checkpoint`.
+    """
+    state = nextgpt.normalise_keys(state)
+    lm = model.lm
+    added = [lm.config.media_begin, lm.config.media_end] + [t for run in lm.signal_tokens.values() for t in run]
+    rows = nextgpt.token_rows(lm.tokenizer.get_vocab(), lm.model.get_input_embeddings().num_embeddings, added)
+    layout = nextgpt.layout_for_model(model, rows)
+    rank = nextgpt.check_state(state, layout, source=source, allow_unexpected=allow_unexpected)
+    scale = nextgpt.lora_scale(rank, alpha=lora_alpha, r=lora_r, folder=folder)
+    weights = nextgpt.convert_state(state, layout, rows, scale)
+    _load_projectors(model, weights.projectors, source)
+    llm = lm.model
     with torch.no_grad():
-        for key, module in (("embed_tokens", llm.get_input_embeddings()), ("lm_head", llm.get_output_embeddings())):
-            tensor = converted[key]
-            if tensor is None:
-                continue
-            if tensor.shape != module.weight.shape:
-                raise WeightsNotFoundError(
-                    f"NExT-GPT checkpoint: {key} has shape {tuple(tensor.shape)} but the LLM's is "
-                    f"{tuple(module.weight.shape)}; the preset's tokens must match the checkpoint's")
-            module.weight.copy_(tensor.to(module.weight.dtype))
-    factors = {path: (a, b, lora_scale) for path, (a, b) in converted["lora"].items()}
-    merge_lora(llm, factors, source="NExT-GPT checkpoint")
+        llm.get_input_embeddings().weight.copy_(weights.embed_tokens)
+        head = llm.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != llm.get_input_embeddings().weight.data_ptr():
+            head.weight.copy_(weights.lm_head)
+    merge_lora(llm, weights.lora, source=source)
 
 
 def merge_lora(llm: torch.nn.Module, factors: LoraFactors, source: object) -> None:

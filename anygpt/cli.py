@@ -5,6 +5,7 @@
     anygpt train --config alignment/configs/stage2_decoding.yaml optim.lr=1e-3 [--resume]
     anygpt eval --model runs/stage2_decoding/model --data captions_val.jsonl
     anygpt world build --out runs/miniature [--quick]
+    anygpt convert nextgpt pytorch_model.pt --base-llm vicuna-7b-v0/ --out nextgpt-7b/
 """
 
 from __future__ import annotations
@@ -106,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     wo.add_argument("--no-progress", action="store_true", help="no progress bars")
     wo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted settings overrides, e.g. image_decoder.unet.steps=3000")
+
+    co = sub.add_parser("convert", help="convert NExT-GPT's released checkpoint into a model directory",
+                        description="`anygpt convert nextgpt CHECKPOINT --base-llm DIR --out DIR` checks NExT-GPT's "
+                                    "pytorch_model.pt against the architecture (every tensor and shape, the "
+                                    "signal-token ids), merges its LoRA into the base LLM and writes a "
+                                    "self-contained model directory (try: anygpt app --model DIR).")
+    co.add_argument("format", choices=("nextgpt",), help="the checkpoint's format (nextgpt)")
+    co.add_argument("checkpoint", help="NExT-GPT's pytorch_model.pt, or hub_id:filename "
+                                       "(ChocoWu/nextgpt_7b_tiva_v0:pytorch_model.pt)")
+    co.add_argument("--base-llm", required=True, metavar="DIR",
+                    help="the LLM it was trained on (Vicuna-7B v0): a Hugging Face folder or hub id")
+    co.add_argument("--out", type=Path, required=True, metavar="DIR",
+                    help="the model directory to write (replaced if it is one)")
+    co.add_argument("--preset", default="nextgpt-7b", metavar="NAME",
+                    help="the architecture: preset name, config .yaml or model directory (default: nextgpt-7b)")
+    co.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                    help="LoRA alpha (default: adapter_config.json next to the checkpoint, else NExT-GPT's 32)")
+    co.add_argument("--lora-r", type=int, default=None, metavar="R",
+                    help="LoRA rank (default: adapter_config.json, else the tensors' rank; checked against them)")
+    co.add_argument("--allow-unexpected", action="store_true",
+                    help="ignore tensors NExT-GPT's format does not have (listed in a warning) instead of failing")
 
     pre = sub.add_parser("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
@@ -286,6 +308,20 @@ def _world(args: argparse.Namespace) -> int:
     print(f"ran {ran} in {time.perf_counter() - start:.0f} s; all steps took {result.seconds:.0f} s")
     if result.model_dir.is_dir():
         print(f"model: {result.model_dir}  (try: anygpt generate --model {result.model_dir} \"Draw a red circle\")")
+    return 0
+
+
+@_command("convert")
+def _convert(args: argparse.Namespace) -> int:
+    from anygpt.convert import convert_nextgpt
+
+    # A conversion takes minutes (a 7B LLM is loaded, merged and written): its steps, and the
+    # LoRA scale it chose, are logged even without -v.
+    for name in ("anygpt.convert", "anygpt.nextgpt"):
+        logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
+    out = convert_nextgpt(args.checkpoint, args.base_llm, args.out, preset=args.preset, lora_alpha=args.lora_alpha,
+                          lora_r=args.lora_r, allow_unexpected=args.allow_unexpected)
+    print(f"wrote {out}  (try: anygpt app --model {out})")
     return 0
 
 

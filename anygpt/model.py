@@ -65,12 +65,18 @@ class AnyGPTModel(nn.Module):
         self.output_projectors = output_projectors
 
     @classmethod
-    def from_config(cls, config: AnyGPTConfig, base_dir: Path | None = None) -> "AnyGPTModel":
-        """Build every component from ``config`` (relative paths resolve against ``base_dir``)."""
+    def from_config(cls, config: AnyGPTConfig, base_dir: Path | None = None,
+                    encoder: nn.Module | None = None) -> "AnyGPTModel":
+        """Build every component from ``config`` (relative paths resolve against ``base_dir``).
+
+        ``encoder`` replaces the one ``config.encoder`` describes (it needs an ``output_dim``):
+        a stand-in where only the LLM and projectors matter, as when converting a checkpoint.
+        """
         from anygpt import decoders
         from anygpt.encoders import build_encoder
 
-        encoder = build_encoder(config.encoder, base_dir=base_dir)
+        if encoder is None:
+            encoder = build_encoder(config.encoder, base_dir=base_dir)
         signal_tokens = {
             name: get_modality(name).signal_tokens(m.num_signal_tokens)
             for name, m in config.modalities.items() if m.has_output

@@ -27,8 +27,9 @@ def model(linear_model):
     return copy.deepcopy(linear_model)
 
 
-def _legacy_state(model, seed=0):
-    """A flat state dict named as NExT-GPT's pytorch_model.pt names its tensors."""
+def _legacy_state(model, seed=0, rank=32):
+    """A flat state dict named as NExT-GPT's pytorch_model.pt names its tensors (its rank 32:
+    scale alpha / r = 1)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     proj = model.input_projectors["image"].proj
@@ -42,13 +43,18 @@ def _legacy_state(model, seed=0):
     emb = llm.get_input_embeddings().weight
     state["llama_model.base_model.model.model.embed_tokens.weight"] = torch.randn(emb.shape, generator=g)
     state["llama_model.base_model.model.lm_head.weight"] = torch.randn(emb.shape, generator=g)
-    q = llm.model.layers[0].self_attn.q_proj.weight
-    state["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(4, q.shape[1], generator=g)
-    state["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(q.shape[0], 4, generator=g)
+    for i, layer in enumerate(llm.model.layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            weight = getattr(layer.self_attn, proj).weight
+            key = f"llama_model.base_model.model.model.layers.{i}.self_attn.{proj}"
+            state[f"{key}.lora_A.weight"] = torch.randn(rank, weight.shape[1], generator=g) * 0.1
+            state[f"{key}.lora_B.weight"] = torch.randn(weight.shape[0], rank, generator=g) * 0.1
     return state
 
 
 def test_nextgpt_checkpoint_maps_every_tensor(model, tmp_path):
+    from anygpt.nextgpt import NEXTGPT_TOKENS
+
     state = _legacy_state(model)
     path = tmp_path / "pytorch_model.pt"
     torch.save(state, path)
@@ -62,10 +68,16 @@ def test_nextgpt_checkpoint_maps_every_tensor(model, tmp_path):
                          ("audio", "gen_text_hidden_fcs_audio.0.")):
         for k, v in model.output_projectors[name].state_dict().items():
             assert torch.equal(v, state[prefix + k]), prefix + k
+    # Rows move by token: tiny lists image, audio, video, NExT-GPT added image, video, audio.
+    base = 257
+    index = torch.arange(base + len(NEXTGPT_TOKENS))
+    for token in NEXTGPT_TOKENS:
+        index[model.lm.tokenizer.convert_tokens_to_ids(token)] = base + NEXTGPT_TOKENS.index(token)
+    assert not torch.equal(index, torch.arange(len(index)))
     assert torch.equal(model.lm.model.get_input_embeddings().weight,
-                       state["llama_model.base_model.model.model.embed_tokens.weight"])
+                       state["llama_model.base_model.model.model.embed_tokens.weight"][index])
     assert torch.equal(model.lm.model.get_output_embeddings().weight,
-                       state["llama_model.base_model.model.lm_head.weight"])
+                       state["llama_model.base_model.model.lm_head.weight"][index])
     a = state["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = state["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     torch.testing.assert_close(model.lm.model.model.layers[0].self_attn.q_proj.weight, q_before + b @ a)
@@ -76,7 +88,7 @@ def test_checkpoint_with_wrong_vocabulary_is_refused(model, tmp_path):
     key = "llama_model.base_model.model.model.embed_tokens.weight"
     state[key] = state[key][:-1]
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(WeightsNotFoundError, match="embed_tokens has shape"):
+    with pytest.raises(WeightsNotFoundError, match=r"embed_tokens\.weight: expected \(295, 64\), got \(294, 64\)"):
         load_checkpoint(model, str(tmp_path / "bad.pt"))
 
 
