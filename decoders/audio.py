@@ -28,6 +28,7 @@ MEL_FLOOR = 1e-5
 #: Sizes of the tiny random AudioLDM; ``DecoderConfig.arch`` overrides any key.
 #: The vocoder upsamples 160× at 16 kHz (10 ms per mel frame), so the default 1.0 s of audio is
 #: 100 mel frames (latent ``sample_size`` 50 × VAE factor 2). Conditioning: 1 × ``projection_dim``.
+#: ``{"architecture": "audioldm-l-full"}`` builds AudioLDM-L-full at full size instead.
 TINY_ARCH: dict[str, Any] = {
     **tiny.CLIP_TINY_ARCH,
     "sample_size": 50,
@@ -63,13 +64,18 @@ class AudioLDMDecoder(Decoder):
 
     @staticmethod
     def _tiny_text_config(arch: dict[str, Any]) -> Any:
-        return tiny.clap_text_config(arch)
+        return tiny.text_config(arch, tiny.clap_text_config)
 
     @classmethod
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel
         from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
+        if arch["architecture"]:
+            parts = tiny.architecture_components(arch, seed,
+                                                 ("unet", "vae", "text_encoder", "scheduler", "vocoder"))
+            # RoBERTa's BPE is not available offline; byte-level ids fit its 50 265-row vocabulary.
+            return {**parts, "tokenizer": tiny.byte_level_roberta_tokenizer(tiny.architecture_tokenizer_length(arch))}
         unet = tiny.unet(
             UNet2DConditionModel, arch, seed,
             # AudioLDM: no text cross-attention (attention blocks attend to themselves); the CLAP

