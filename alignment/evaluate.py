@@ -205,17 +205,11 @@ def _modalities_in(model: Any, ids: torch.Tensor) -> set[str]:
 
 def _greedy_runs(pipe: "AnyGPTPipeline", item: dict, start: int, max_new_tokens: int) -> set[str]:
     """Modalities of the signal runs the LLM begins by itself, greedy, after ``input_ids[:start]``."""
-    from anygpt.generation import SamplingSettings, generate_stream
+    from anygpt.generation import SamplingSettings, generate
 
     model = pipe.model
     ids = item["input_ids"][:start]
     embeds = model.embed_inputs(ids[None], item["media_mask"][:start][None], item["media"])
     values = {**asdict(pipe.config.generation), "do_sample": False, "max_new_tokens": max_new_tokens, "seed": 0}
-    stream = generate_stream(model.lm, embeds, ids, SamplingSettings(**values))
-    while True:
-        try:
-            next(stream)
-        except StopIteration as stop:
-            result = stop.value
-            break
+    result = generate(model.lm, embeds, ids, SamplingSettings(**values))
     return {run.modality for run in result.runs if not run.forced}

@@ -8,9 +8,10 @@ are appended at the end in one pass.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Generator, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from anygpt.config import SamplingSettings
 from anygpt.llm import LanguageModel
 from anygpt.seeding import fresh_seed
 
-__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream"]
+__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream", "generate"]
 
 
 @dataclass
@@ -154,7 +155,7 @@ def generate_stream(
     with torch.inference_mode():
         kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         out = model(inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         result.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ids = result.token_ids
@@ -187,9 +188,9 @@ def generate_stream(
                 if tail:
                     _add_text(result, tail)
                     yield tail
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+            out = model(input_ids=torch.tensor([[token]], device=device), **{_cache_argument(): cache},
                         use_cache=True, output_hidden_states=in_run)
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
             if in_run:
                 run = tracker.record(out.hidden_states[-1][0, -1], len(ids) - 1)
                 if run is not None:
@@ -201,9 +202,20 @@ def generate_stream(
             if tail:
                 _add_text(result, tail)
                 yield tail
-        _append_missing_runs(lm, result, required, cache, device)
+        _append_missing_runs(lm, result, required, cache, device, inputs_embeds.shape[1])
     result.decode_s = time.perf_counter() - t0
     return result
+
+
+def generate(lm: LanguageModel, inputs_embeds: torch.Tensor, prompt_ids: torch.Tensor,
+             settings: SamplingSettings, required: Sequence[str] = ()) -> LLMResult:
+    """:func:`generate_stream` run to its end, without the text deltas: the whole answer."""
+    stream = generate_stream(lm, inputs_embeds, prompt_ids, settings, required=required)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _add_text(result: LLMResult, delta: str) -> None:
@@ -220,16 +232,39 @@ def _pick(scores: torch.Tensor, do_sample: bool, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequence[str], cache, device) -> None:
-    """Feed the runs of required modalities the LLM did not write, one pass per run."""
+@functools.cache
+def _cache_argument() -> str:
+    # transformers renamed the KV cache from `past_key_values` to `cache` (the old name warns on
+    # every call and is to be removed); older 5.x releases know only the old name.
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _cache_of(output) -> object:
+    return getattr(output, _cache_argument())
+
+
+def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequence[str], cache, device,
+                         prompt_length: int) -> None:
+    """Feed the runs of required modalities the LLM did not write, one pass per run.
+
+    Each run follows the prompt and the kept answer tokens, as in a teacher-forced pass over
+    them. A stop string that spans several tokens leaves its first tokens in the cache although
+    they were cut from the answer, so the cache is cut back to the kept tokens first.
+    """
     present = {r.modality for r in result.runs}
+    if any(m not in present for m in required):
+        extra = cache.get_seq_length() - (prompt_length + len(result.token_ids))
+        if extra > 0:
+            cache.crop(-extra)
     for modality in required:
         if modality in present:
             continue
         run_ids = lm.signal_ids[modality]
-        out = lm.model(input_ids=torch.tensor([run_ids], device=device), past_key_values=cache,
+        out = lm.model(input_ids=torch.tensor([run_ids], device=device), **{_cache_argument(): cache},
                        use_cache=True, output_hidden_states=True)
-        cache = out.past_key_values
+        cache = _cache_of(out)
         run = SignalRun(modality, len(result.token_ids), out.hidden_states[-1][0], forced=True)
         result.runs.append(run)
         result.pieces.append(run)

@@ -112,3 +112,27 @@ def test_eos_ends_the_answer_and_is_dropped(tiny_pipe):
         handle.remove()
     assert result.stop_reason == "eos"
     assert len(result.token_ids) == 2 and eos not in result.token_ids
+
+
+def test_a_turn_triggers_no_deprecation_warning(tiny_pipe):
+    # transformers warns once per process (its warning_once cache), so the cache is cleared to
+    # see what this turn itself triggers; its library logger does not propagate to the root.
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = logging.getLogger("transformers")
+    hf_logging.warning_once.cache_clear()
+    library.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny_pipe("Draw a red square", outputs=("image", "audio", "video"), seed=0, max_new_tokens=4)
+    finally:
+        library.removeHandler(handler)
+    messages = [r.getMessage() for r in records] + [str(w.message) for w in caught]
+    assert not [m for m in messages if "deprecat" in m.lower()], messages
