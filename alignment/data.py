@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from anygpt.errors import AnyGPTError, ConfigError, MediaError
-from anygpt.turns import MediaRef, Turn
+from anygpt.turns import MediaRef, SignalMark, Turn
 from anygpt.modalities import MODALITIES, get_modality
 
 if TYPE_CHECKING:
@@ -379,7 +379,9 @@ class AlignmentDataset(torch.utils.data.Dataset):
                 for path in paths:
                     text = prompts[len(items) % len(prompts)].format(modality=modality)
                     user = Turn("user", text, [_file_ref(modality, path)])
-                    items.append(_Item([user, Turn("assistant", sample.caption)], caption=sample.caption))
+                    # `parts`: the caption is text whatever it holds, even a written signal run.
+                    answer = Turn("assistant", sample.caption, parts=(sample.caption,))
+                    items.append(_Item([user, answer], caption=sample.caption))
         return items
 
     def _stage2_items(self, samples: list[Sample], modalities: Sequence[str] | None,
@@ -393,8 +395,10 @@ class AlignmentDataset(torch.utils.data.Dataset):
                 template = prompts[len(items) % len(prompts)]
                 request = template.format(modality=modality, caption=sample.caption,
                                           a_modality=get_modality(modality).noun)
-                answer = f"{sample.caption} {''.join(self.model.lm.signal_tokens[modality])}"
-                items.append(_Item([Turn("user", request), Turn("assistant", answer)],
+                text = f"{sample.caption} {''.join(self.model.lm.signal_tokens[modality])}"
+                # Only the run after the caption is a signal run: the caption stays text.
+                answer = Turn("assistant", text, parts=(f"{sample.caption} ", SignalMark(modality)))
+                items.append(_Item([Turn("user", request), answer],
                                    caption=sample.caption, output_modality=modality))
         return items
 

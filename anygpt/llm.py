@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, ContextLengthError, WeightsNotFoundError
 from anygpt.paths import CACHE_PLACEHOLDER, cache_dir, looks_like_path, resolve_path
 from anygpt.seeding import seeded
-from anygpt.turns import MediaRef, Turn
+from anygpt.turns import MediaRef, SignalMark, Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -75,8 +75,13 @@ class PromptInputs:
     labels: Optional[torch.Tensor] = None
 
 
+#: How :meth:`LanguageModel.render` shows a media item (display only: ids are built per atom).
 _MARKER = "<|anygpt-media-{}|>"
-_MARKER_RE = re.compile(r"<\|anygpt-media-(\d+)\|>")
+
+#: One piece of a prompt: ``("text", str)`` plain text, ``("control", token)`` a special token
+#: the prompt format placed, ``("media", MediaRef, index)`` a media slot, ``("signal", modality)``
+#: a signal run. Only the renderer makes non-text atoms; turn text only ever becomes text atoms.
+_Atom = tuple
 
 
 class LanguageModel:
@@ -172,32 +177,130 @@ class LanguageModel:
     def render(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``turns``, media as markers; with ``add_generation_prompt`` it
         ends with the assistant's cue (chat templates; the NExT-GPT format always does after a
-        user turn)."""
-        texts = [(t.role, text) for t, (text, _) in zip(turns, self._placed(turns))]
-        if self.prompt_format == "chat_template":
-            messages = [{"role": r, "content": t} for r, t in texts]
-            if self.config.system_prompt and not any(r == "system" for r, _ in texts):
-                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        parts = [self.config.system_prompt + "\n"] if self.config.system_prompt else []
-        for role, text in texts:
-            if role == "user":
-                parts.append(f"### Human: {text}\n### Assistant:")
-            elif role == "assistant":
-                parts.append(f" {text}\n{NEXTGPT_STOP}")
-            else:  # a system turn in the NExT-GPT format is a plain preamble
-                parts.append(text + "\n")
-        return "".join(parts)
+        user turn).
 
-    @staticmethod
-    def _placed(turns: Sequence[Turn]) -> list[tuple[str, list[MediaRef]]]:
-        placed, index = [], 0
+        For display and logs: the token ids come from :meth:`tokenize_prompt`, which builds them
+        atom by atom and never reads a control token out of a turn's text.
+        """
+        return "".join(self._atom_text(a) for a in self._atoms(turns, add_generation_prompt))
+
+    def _atom_text(self, atom: _Atom) -> str:
+        if atom[0] == "media":
+            return _MARKER.format(atom[2])
+        if atom[0] == "signal":
+            return "".join(self.signal_tokens[atom[1]])
+        return atom[1]
+
+    def _atoms(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> list[_Atom]:
+        """The prompt as atoms: the format's own text (its special tokens as control atoms),
+        each turn's content in its place."""
+        contents = self._contents(turns)
+        if self.prompt_format == "chat_template":
+            return self._chat_template_atoms(turns, contents, add_generation_prompt)
+        atoms: list[_Atom] = [("text", self.config.system_prompt + "\n")] if self.config.system_prompt else []
+        for turn, content in zip(turns, contents):
+            if turn.role == "user":
+                atoms += [*self._template_atoms("### Human: "), *content,
+                          *self._template_atoms("\n### Assistant:")]
+            elif turn.role == "assistant":
+                atoms += [*self._template_atoms(" "), *content, *self._template_atoms("\n" + NEXTGPT_STOP)]
+            else:  # a system turn in the NExT-GPT format is a plain preamble
+                atoms += [*content, ("text", "\n")]
+        return atoms
+
+    def _chat_template_atoms(self, turns: Sequence[Turn], contents: list[list[_Atom]],
+                             add_generation_prompt: bool) -> list[_Atom]:
+        """Render the chat template with a sentinel for each message's content, then put the
+        content atoms where the sentinels landed: the template's text is the only text read for
+        special tokens."""
+        system = self.config.system_prompt if not any(t.role == "system" for t in turns) else None
+        tag = _sentinel_tag([t.text for t in turns] + [system or ""])
+        messages = [{"role": t.role, "content": f"{tag}{i}{tag}"} for i, t in enumerate(turns)]
+        if system:
+            messages.insert(0, {"role": "system", "content": f"{tag}s{tag}"})
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        pieces = re.split(f"{re.escape(tag)}(s|\\d+){re.escape(tag)}", rendered)
+        expected = (["s"] if system else []) + [str(i) for i in range(len(turns))]
+        if pieces[1::2] != expected:
+            raise ConfigError("the LLM's chat template does not put each message's content into the prompt "
+                              "once, unchanged and in order, so typed text cannot be kept apart from its "
+                              "control tokens; fix llm.chat_template or use prompt_format: nextgpt")
+        atoms: list[_Atom] = []
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                atoms += self._template_atoms(piece)
+            else:
+                atoms += [("text", system)] if piece == "s" else contents[int(piece)]
+        return atoms
+
+    def _contents(self, turns: Sequence[Turn]) -> list[list[_Atom]]:
+        """Each turn's content as atoms; media are numbered across the turns in prompt order."""
+        contents, index = [], 0
         for turn in turns:
-            text, refs = _place_media(turn, index)
-            placed.append((text, refs))
-            index += len(refs)
-        return placed
+            atoms = self._assistant_atoms(turn) if turn.role == "assistant" else _place_media(turn, index)
+            index += sum(a[0] == "media" for a in atoms)
+            contents.append(atoms)
+        return contents
+
+    def _assistant_atoms(self, turn: Turn) -> list[_Atom]:
+        """An assistant turn: plain text and its signal runs (from ``parts``, else every complete
+        run written in the text, as the model emitted it)."""
+        if turn.media:
+            raise ConfigError("only user turns take media; write generated media as a signal run")
+        if turn.parts is not None:
+            return [self._signal_atom(p.modality) if isinstance(p, SignalMark) else ("text", p)
+                    for p in turn.parts if p != ""]
+        runs = {"".join(tokens): modality for modality, tokens in self.signal_tokens.items()}
+        if not runs:
+            return [("text", turn.text)] if turn.text else []
+        pieces = re.split("(" + "|".join(map(re.escape, sorted(runs, key=len, reverse=True))) + ")", turn.text)
+        return [("signal", runs[p]) if i % 2 else ("text", p) for i, p in enumerate(pieces) if p]
+
+    def _signal_atom(self, modality: str) -> _Atom:
+        if modality not in self.signal_tokens:
+            raise ConfigError(f"no signal tokens for modality {modality!r}; valid: "
+                              f"{', '.join(self.signal_tokens) or 'none'}")
+        return ("signal", modality)
+
+    def _template_atoms(self, text: str) -> list[_Atom]:
+        """The prompt format's own text: its special and added tokens become control atoms."""
+        pattern = self._control_tokens()[1]
+        pieces = pattern.split(text) if pattern is not None else [text]
+        return [("control", p) if i % 2 else ("text", p) for i, p in enumerate(pieces) if p]
+
+    def _control_tokens(self) -> tuple[dict[str, int], Optional[re.Pattern]]:
+        """Every added and special token of the tokenizer (content → id) and a pattern matching
+        them, longest first; cached until tokens are added."""
+        cached = getattr(self, "_control_cache", None)
+        if cached is not None and cached[0] == len(self.tokenizer):
+            return cached[1], cached[2]
+        tokens = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items()}
+        for token in self.tokenizer.all_special_tokens:
+            tokens.setdefault(token, self.tokenizer.convert_tokens_to_ids(token))
+        pattern = re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")") \
+            if tokens else None
+        self._control_cache = (len(self.tokenizer), tokens, pattern)
+        return tokens, pattern
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: a typed special or added token (``<|im_end|>``,
+        ``[IMG0]``, ``<Img>``) is spelled with ordinary tokens, never read as that token."""
+        ids = self._tokenize_plain(text)
+        tokens, pattern = self._control_tokens()
+        if pattern is None or set(tokens.values()).isdisjoint(ids):
+            return ids
+        # split_special_tokens splits only tokens marked special; an added token that is not
+        # still matched: spell each such occurrence one character at a time.
+        out: list[int] = []
+        for i, piece in enumerate(pattern.split(text)):
+            parts = list(piece) if i % 2 else [piece] if piece else []  # odd pieces: a token's text
+            for part in parts:
+                out += self._tokenize_plain(part)
+        return out
+
+    def _tokenize_plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def tokenize_prompt(self, turns: Sequence[Turn], num_media_tokens: dict[str, int],
                         reserve: int = 0) -> PromptInputs:
@@ -227,13 +330,12 @@ class LanguageModel:
             f"max_new_tokens")
 
     def _tokenize(self, turns: Sequence[Turn], num_media_tokens: dict[str, int]) -> PromptInputs:
-        media = [m for _, refs in self._placed(turns) for m in refs]
-        return self._encode(self.render(turns), media, num_media_tokens)
+        return self._encode(self._atoms(turns), num_media_tokens)
 
     def tokenize_dialogue(self, turns: Sequence[Turn], num_media_tokens: dict[str, int]) -> PromptInputs:
         """Tokenise a whole dialogue for training: ``labels`` hold the ids of every assistant
         answer (including its end-of-turn marker, so the model learns to stop) and -100
-        elsewhere. Signal runs written in the answers (``[IMG0]…``) are labelled like text.
+        elsewhere. Signal runs of the answers (see :class:`Turn`) are labelled like text.
 
         Raises:
             ConfigError: the chat template does not render turns incrementally (an earlier
@@ -241,7 +343,8 @@ class LanguageModel:
         """
         if not any(t.role == "assistant" for t in turns):
             raise ConfigError("a training dialogue needs at least one assistant turn")
-        full = self.render(turns, add_generation_prompt=False)
+        atoms = self._atoms(turns, add_generation_prompt=False)
+        full = "".join(self._atom_text(a) for a in atoms)
         spans = []
         for i, turn in enumerate(turns):
             if turn.role != "assistant":
@@ -252,38 +355,44 @@ class LanguageModel:
                 raise ConfigError("the LLM's chat template does not render a dialogue turn by turn; "
                                   "use prompt_format: nextgpt for training")
             spans.append((len(start), len(end)))
-        media = [m for _, refs in self._placed(turns) for m in refs]
-        return self._encode(full, media, num_media_tokens, spans)
+        return self._encode(atoms, num_media_tokens, spans)
 
-    def _encode(self, text: str, media: list[MediaRef], num_media_tokens: dict[str, int],
+    def _encode(self, atoms: Sequence[_Atom], num_media_tokens: dict[str, int],
                 label_spans: Sequence[tuple[int, int]] = ()) -> PromptInputs:
-        """Tokenise rendered text: markers become ``<Img>`` + media slots + ``</Img>``; characters
-        inside ``label_spans`` are labelled with their ids (only when spans are given)."""
+        """Token ids of ``atoms``: text as plain text, control atoms and signal runs as their ids,
+        media as ``<Img>`` + media slots + ``</Img>``; atoms inside ``label_spans`` (character
+        spans of the rendered prompt) are labelled with their ids (only when spans are given)."""
         ids: list[int] = []
         mask: list[bool] = []
         labels: list[int] = []
+        media: list[MediaRef] = []
         if self.prompt_format == "nextgpt" and self.tokenizer.bos_token_id is not None:
             ids.append(self.tokenizer.bos_token_id)
             mask.append(False)
             labels.append(-100)
-        cuts = sorted({0, len(text)} | {p for span in label_spans for p in span}
-                      | {p for m in _MARKER_RE.finditer(text) for p in m.span()})
-        for a, b in zip(cuts, cuts[1:]):
-            piece = text[a:b]
-            marker = _MARKER_RE.fullmatch(piece)
-            if marker:
-                k = num_media_tokens[media[int(marker.group(1))].modality]
+        cuts = {p for span in label_spans for p in span}
+        for atom, a, b in _spans(atoms, cuts, self._atom_text):
+            if atom[0] == "media":
+                k = num_media_tokens[atom[1].modality]
                 ids.extend([self.media_begin_id] * (k + 1) + [self.media_end_id])
                 mask.extend([False] + [True] * k + [False])
                 labels.extend([-100] * (k + 2))
+                media.append(atom[1])
                 continue
-            toks = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            toks = self._atom_ids(atom)
             ids.extend(toks)
             mask.extend([False] * len(toks))
             labelled = any(s <= a and b <= e for s, e in label_spans)
             labels.extend(toks if labelled else [-100] * len(toks))
         return PromptInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), media,
                             labels=torch.tensor(labels, dtype=torch.long) if label_spans else None)
+
+    def _atom_ids(self, atom: _Atom) -> list[int]:
+        if atom[0] == "signal":
+            return list(self.signal_ids[atom[1]])
+        if atom[0] == "control":
+            return [self._control_tokens()[0][atom[1]]]
+        return self._plain_ids(atom[1])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -293,35 +402,67 @@ class LanguageModel:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _place_media(turn: Turn, start: int) -> tuple[str, list[MediaRef]]:
-    """Put numbered media markers into the turn's text.
+def _sentinel_tag(texts: Sequence[str]) -> str:
+    """A private-use string that none of ``texts`` contains, to mark content slots in a
+    rendered chat template (so no typed text can pass for one)."""
+    tag = "\ue000"
+    while any(tag in text for text in texts):
+        tag += "\ue000"
+    return tag
+
+
+def _spans(atoms: Sequence[_Atom], cuts: set[int], text_of) -> list[tuple[_Atom, int, int]]:
+    """Atoms with their character spans in the rendered prompt. Neighbouring text atoms are
+    merged, so that the format's text and a turn's text tokenise together as one string
+    would (ids of ordinary prompts do not change), except across a label cut."""
+    out: list[tuple[_Atom, int, int]] = []
+    pos = 0
+    for atom in atoms:
+        text = text_of(atom)
+        end = pos + len(text)
+        if atom[0] != "text":
+            out.append((atom, pos, end))
+        else:
+            bounds = [pos, *sorted(c for c in cuts if pos < c < end), end]
+            for a, b in zip(bounds, bounds[1:]):
+                piece = text[a - pos:b - pos]
+                if out and out[-1][0][0] == "text" and out[-1][2] == a and a not in cuts:
+                    prev = out.pop()
+                    out.append((("text", prev[0][1] + piece), prev[1], b))
+                elif piece:
+                    out.append((("text", piece), a, b))
+        pos = end
+    return out
+
+
+def _place_media(turn: Turn, start: int) -> list[_Atom]:
+    """A user (or system) turn's content as text and media atoms.
 
     A ``<image>``-style tag in the text marks where the next media item of that modality goes;
-    media without a tag go before the text. Returns the text and the turn's media in prompt
-    order (markers are numbered from ``start`` in that order).
+    media without a tag go before the text. Media are numbered from ``start`` in prompt order.
+    The text itself is never searched for anything else: whatever it holds stays text.
     """
     text, leading, tagged = turn.text, [], []
-    for j, ref in enumerate(turn.media):
-        tag = f"<{ref.modality}>"
-        pos = text.find(tag)
-        if pos < 0:
+    matches: dict[str, Iterator[re.Match]] = {}
+    for ref in turn.media:
+        found = matches.setdefault(ref.modality, re.finditer(re.escape(f"<{ref.modality}>"), text))
+        match = next(found, None)
+        if match is None:
             leading.append(ref)
-            continue
-        temp = f"\x00{j}\x00"
-        text = text[:pos] + temp + text[pos + len(tag):]
-        tagged.append((j, ref))
-    tagged.sort(key=lambda item: text.index(f"\x00{item[0]}\x00"))
-    index = start
-    prefix = ""
-    for _ in leading:
-        prefix += _MARKER.format(index)
-        index += 1
-    for j, _ref in tagged:
-        text = text.replace(f"\x00{j}\x00", _MARKER.format(index))
-        index += 1
-    if prefix and text:
-        prefix += " "
-    return prefix + text, leading + [ref for _, ref in tagged]
+        else:
+            tagged.append((match.start(), match.end(), ref))
+    tagged.sort(key=lambda item: item[0])
+    atoms: list[_Atom] = [("media", ref, start + i) for i, ref in enumerate(leading)]
+    if leading and text:
+        atoms.append(("text", " "))
+    pos, index = 0, start + len(leading)
+    for a, b, ref in tagged:
+        atoms += [("text", text[pos:a])] if a > pos else []
+        atoms.append(("media", ref, index))
+        pos, index = b, index + 1
+    if pos < len(text):
+        atoms.append(("text", text[pos:]))
+    return atoms
 
 
 # Loading helpers ------------------------------------------------------------------------------

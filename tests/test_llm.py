@@ -82,8 +82,9 @@ def test_saved_llm_reloads_from_a_directory(lm, tmp_path):
 
 
 def test_missing_llm_raises_weights_not_found(tmp_path):
-    with pytest.raises(WeightsNotFoundError, match="could not load the tokenizer"):
-        LanguageModel.from_config(LLMConfig(pretrained=str(tmp_path / "absent")), SIGNALS)
+    absent = tmp_path / "absent"
+    with pytest.raises(WeightsNotFoundError, match=f"llm.pretrained: no model folder at {absent}"):
+        LanguageModel.from_config(LLMConfig(pretrained=str(absent)), SIGNALS)
 
 
 def test_random_llm_uses_the_tokenizers_special_ids(lm):
