@@ -192,7 +192,7 @@ def answer(config, image: Path, embedding, output_dim: int, args, stages: Stages
     stages.record("llm", built, time.perf_counter() - t0, parameters=sum(p.numel() for p in model.parameters()),
                   prompt_tokens=int(prompt.input_ids.numel()), generated_tokens=len(result.token_ids),
                   prefill_s=round(result.prefill_s, 2), decode_s=round(result.decode_s, 2))
-    del model, embeds, stream
+    del model, embeds
     stages.freed()
     return raw_text, result, conditions
 
