@@ -507,7 +507,7 @@ class ClipConditionedDecoder(Decoder):
 
     @staticmethod
     def _tiny_text_config(arch: dict[str, Any]) -> Any:
-        return tiny.clip_text_config(arch)
+        return tiny.text_config(arch, tiny.clip_text_config)
 
     @staticmethod
     def _tiny_text_components(arch: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -41,10 +41,6 @@ class StableDiffusionDecoder(ClipConditionedDecoder):
     size_options = {"height": "height", "width": "width"}
     output_type = "pil"
 
-    @staticmethod
-    def _tiny_text_config(arch: dict[str, Any]) -> Any:
-        return tiny.text_config(arch, tiny.clip_text_config)
-
     @classmethod
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet2DConditionModel

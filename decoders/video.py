@@ -43,10 +43,6 @@ class TextToVideoDecoder(ClipConditionedDecoder):
     #: frames when neither the call nor the config gives a count (the pipeline's default).
     default_num_frames: int = 16
 
-    @staticmethod
-    def _tiny_text_config(arch: dict[str, Any]) -> Any:
-        return tiny.text_config(arch, tiny.clip_text_config)
-
     @classmethod
     def _tiny_components(cls, arch: dict[str, Any], seed: int) -> dict[str, Any]:
         from diffusers import UNet3DConditionModel
