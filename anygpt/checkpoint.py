@@ -26,21 +26,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from anygpt import nextgpt
-from anygpt.config import CONFIG_FILENAME, AnyGPTConfig
-from anygpt.encoders import IMAGEBIND_HUGE
+from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, EncoderConfig, LLMConfig
+from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
 from anygpt.errors import ConfigError, WeightsNotFoundError
-from anygpt.llm import BYTE_LEVEL, LanguageModel
+from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source
 from anygpt.paths import resolve_path
 
 if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from anygpt.decoders import Decoder
     from anygpt.model import AnyGPTModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_model_directory", "load_weights", "load_checkpoint", "load_nextgpt_state", "read_nextgpt_file",
-           "check_replaceable", "merge_lora", "stack_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE",
-           "LLM_LORA_FILE"]
+           "check_nextgpt_checkpoint", "check_nextgpt_state", "expected_nextgpt_layout", "encoder_width", "check_replaceable", "merge_lora",
+           "stack_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE", "LLM_LORA_FILE"]
 
 PROJECTORS_FILE = "projectors.safetensors"
 ADDED_TOKENS_FILE = "llm_added_tokens.safetensors"
@@ -295,7 +298,7 @@ def _load_added_rows(model: "AnyGPTModel", state: dict[str, torch.Tensor]) -> No
 
 def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None = None, *,
                     lora_alpha: float | None = None, lora_r: int | None = None,
-                    allow_unexpected: bool = False) -> None:
+                    allow_unexpected: bool = False, added_tokens: str | os.PathLike | None = None) -> None:
     """Load trained weights named by ``config.checkpoint``.
 
     Args:
@@ -306,6 +309,9 @@ def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None 
             ``adapter_config.json`` next to the file, else NExT-GPT's alpha 32; see
             :func:`anygpt.nextgpt.lora_scale`).
         allow_unexpected: ignore (with a warning) tensors a NExT-GPT checkpoint should not hold.
+        added_tokens: NExT-GPT's saved ``added_tokens.json`` (default: one next to the file or in
+            its parent folder, else NExT-GPT's published ids; see
+            :func:`anygpt.nextgpt.checkpoint_token_ids`).
 
     Raises:
         WeightsNotFoundError: the file cannot be had, or does not fit the model (the message lists
@@ -317,8 +323,8 @@ def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None 
 
         _load_projectors(model, load_file(str(path)), path)
         return
-    load_nextgpt_state(model, read_nextgpt_file(path), source=path, folder=path.parent, lora_alpha=lora_alpha,
-                       lora_r=lora_r, allow_unexpected=allow_unexpected)
+    load_nextgpt_state(model, read_nextgpt_file(path), source=path, folder=path.parent, added_tokens=added_tokens,
+                       lora_alpha=lora_alpha, lora_r=lora_r, allow_unexpected=allow_unexpected)
     logger.info("loaded NExT-GPT checkpoint %s", path)
 
 
@@ -363,20 +369,23 @@ def read_nextgpt_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_nextgpt_state(model: "AnyGPTModel", state: Mapping[str, torch.Tensor], *, source: object,
-                       folder: Path | None = None, lora_alpha: float | None = None, lora_r: int | None = None,
+                       folder: Path | None = None, added_tokens: str | os.PathLike | None = None,
+                       lora_alpha: float | None = None, lora_r: int | None = None,
                        allow_unexpected: bool = False) -> None:
     """Check NExT-GPT's flat state dict against ``model``, then load it: projectors, the
     embedding and LM-head rows (moved from NExT-GPT's token ids to the model's, by token string)
     and the LoRA factors (merged as ``W + alpha / r · B @ A``).
 
     Args:
-        folder: where to look for a PEFT ``adapter_config.json`` (the checkpoint's folder).
-        lora_alpha, lora_r, allow_unexpected: as for :func:`load_checkpoint`.
+        folder: the checkpoint's folder: where to look for a PEFT ``adapter_config.json`` and
+            NExT-GPT's ``added_tokens.json`` (there or in its parent).
+        added_tokens, lora_alpha, lora_r, allow_unexpected: as for :func:`load_checkpoint`.
     """
     state = nextgpt.normalise_keys(state)
+    ids = nextgpt.checkpoint_token_ids(state, folder, added_tokens)
     lm = model.lm
     added = [lm.config.media_begin, lm.config.media_end] + [t for run in lm.signal_tokens.values() for t in run]
-    rows = nextgpt.token_rows(lm.tokenizer.get_vocab(), lm.model.get_input_embeddings().num_embeddings, added)
+    rows = nextgpt.token_rows(lm.tokenizer.get_vocab(), lm.model.get_input_embeddings().num_embeddings, added, ids)
     layout = nextgpt.layout_for_model(model, rows)
     rank = nextgpt.check_state(state, layout, source=source, allow_unexpected=allow_unexpected)
     scale = nextgpt.lora_scale(rank, alpha=lora_alpha, r=lora_r, folder=folder)
@@ -389,6 +398,149 @@ def load_nextgpt_state(model: "AnyGPTModel", state: Mapping[str, torch.Tensor], 
         if head is not None and head.weight.data_ptr() != llm.get_input_embeddings().weight.data_ptr():
             head.weight.copy_(weights.lm_head)
     merge_lora(llm, weights.lora, source=source)
+
+
+# Checking NExT-GPT's checkpoint before the model is built ----------------------------------------
+
+
+def check_nextgpt_checkpoint(config: AnyGPTConfig, reference: str, base_dir: Path | None = None, *,
+                             added_tokens: str | os.PathLike | None = None, lora_alpha: float | None = None,
+                             lora_r: int | None = None,
+                             allow_unexpected: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Fetch and read NExT-GPT's checkpoint ``reference`` and check it against the architecture
+    ``config`` describes, before any model weights load (see :func:`check_nextgpt_state`).
+
+    Returns:
+        the file and its state dict, for :func:`load_nextgpt_state` once the model is built.
+
+    Raises:
+        WeightsNotFoundError: as :func:`load_checkpoint`, but before the LLM loads.
+    """
+    path = _fetch(reference, base_dir)
+    state = read_nextgpt_file(path)
+    check_nextgpt_state(config, state, source=path, base_dir=base_dir, folder=path.parent, added_tokens=added_tokens,
+                        lora_alpha=lora_alpha, lora_r=lora_r, allow_unexpected=allow_unexpected)
+    return path, state
+
+
+def check_nextgpt_state(config: AnyGPTConfig, state: Mapping[str, torch.Tensor], *, source: object,
+                        base_dir: Path | None = None, folder: Path | None = None,
+                        added_tokens: str | os.PathLike | None = None, lora_alpha: float | None = None,
+                        lora_r: int | None = None, allow_unexpected: bool = False) -> None:
+    """The checks of :func:`load_nextgpt_state` (token ids, every key and shape, the LoRA rank),
+    made from configs alone (:func:`expected_nextgpt_layout`), so that a bad checkpoint is
+    reported in seconds rather than after the LLM has loaded. Nothing is logged: loading logs the
+    same choices.
+
+    Args:
+        config: the architecture, with the base LLM the checkpoint was trained on.
+        state: NExT-GPT's flat state dict (only shapes are read).
+        source: names the checkpoint in messages.
+        base_dir: the folder ``config``'s relative paths resolve against.
+        folder, added_tokens, lora_alpha, lora_r, allow_unexpected: as for :func:`load_nextgpt_state`.
+
+    Raises:
+        WeightsNotFoundError: the checkpoint does not fit ``config``, or the LLM's config or
+            tokenizer cannot be had.
+        ConfigError: ``llm.arch`` is not a valid architecture.
+    """
+    state = nextgpt.normalise_keys(state)
+    ids = nextgpt.checkpoint_token_ids(state, folder, added_tokens, log=False)
+    layout, _ = expected_nextgpt_layout(config, base_dir, ids)
+    rank = nextgpt.check_state(state, layout, source=source, allow_unexpected=allow_unexpected, log=False)
+    nextgpt.lora_scale(rank, alpha=lora_alpha, r=lora_r, folder=folder, log=False)
+
+
+def expected_nextgpt_layout(config: AnyGPTConfig, base_dir: Path | None = None,
+                            ids: Mapping[str, int] | None = None) -> tuple[nextgpt.NextGPTLayout, nextgpt.TokenRows]:
+    """The NExT-GPT layout and token rows of the model ``config`` describes, without building it:
+    what :func:`anygpt.nextgpt.layout_for_model` and :func:`anygpt.nextgpt.token_rows` give for
+    the built model.
+
+    The layout is :func:`anygpt.nextgpt.build_layout`'s, read from modules built on the meta
+    device (no memory, no weights): the LLM from its ``config.json`` (or ``llm.arch``), the
+    projectors from the config with the encoder's width and the decoders' conditioning shapes.
+    The token ids are those the LLM's tokenizer (read, small) gives the config's tokens.
+
+    Args:
+        ids: NExT-GPT's token ids (:func:`anygpt.nextgpt.checkpoint_token_ids`; None: the published ones).
+    """
+    tokenizer = _load_tokenizer(config.llm, base_dir)
+    llm = _meta_llm(config.llm, tokenizer, base_dir)
+    added = _config_added_tokens(config)
+    vocab, num_rows = _vocab_once_added(tokenizer, added, llm.get_input_embeddings().num_embeddings)
+    rows = nextgpt.token_rows(vocab, num_rows, added, ids)
+    inputs, outputs = _meta_projectors(config, base_dir, llm.get_input_embeddings().embedding_dim)
+    return nextgpt.build_layout(llm, inputs, outputs, rows.checkpoint_vocab), rows
+
+
+def _meta_llm(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_dir: Path | None) -> "PreTrainedModel":
+    """The LLM ``config`` names, built on the meta device from its ``config.json`` (or ``arch``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.pretrained is None and config.arch is not None:
+        arch = dict(config.arch)
+        model_type = arch.pop("model_type")
+        arch.setdefault("vocab_size", len(tokenizer))
+        try:
+            hf_config = AutoConfig.for_model(model_type, **arch)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"llm.arch: {exc}") from None
+    else:
+        source, kwargs = _resolve_source(config, base_dir)
+        try:
+            hf_config = AutoConfig.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise WeightsNotFoundError(
+                f"could not read the LLM's config {source!r} ({exc}); download it (unset HF_HUB_OFFLINE), "
+                f"or point llm.pretrained at a local directory") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _config_added_tokens(config: AnyGPTConfig) -> list[str]:
+    """The tokens :class:`~anygpt.llm.LanguageModel` adds for ``config``, in its order."""
+    from anygpt.model import signal_tokens
+
+    runs = [t for run in signal_tokens(config).values() for t in run]
+    return [config.llm.media_begin, config.llm.media_end, *runs]
+
+
+def _vocab_once_added(tokenizer: "PreTrainedTokenizerBase", tokens: list[str],
+                      llm_rows: int) -> tuple[dict[str, int], int]:
+    """The vocabulary and embedding rows of the LLM once ``tokens`` are added as
+    :class:`~anygpt.llm.LanguageModel` adds them (the embeddings grow to the tokenizer, never shrink)."""
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_tokens([t for t in dict.fromkeys(tokens) if t not in vocab], special_tokens=True)
+    return tokenizer.get_vocab(), max(llm_rows, len(tokenizer))
+
+
+def _meta_projectors(config: AnyGPTConfig, base_dir: Path | None,
+                     hidden: int) -> tuple["nn.ModuleDict", "nn.ModuleDict"]:
+    """The projectors :meth:`AnyGPTModel.from_config` builds for ``config``, on the meta device."""
+    from anygpt.model import build_projectors
+
+    with torch.device("meta"):
+        return build_projectors(config, encoder_width(config.encoder, base_dir), hidden, base_dir)
+
+
+def encoder_width(config: EncoderConfig, base_dir: Path | None = None) -> int:
+    """The width of the embeddings the encoder ``config`` describes, read from the config where
+    it says (ImageBind's ``out_embed_dim``), else from ImageBind's defaults; an encoder of
+    another kind is built to ask it."""
+    if config.name != "imagebind":
+        from anygpt.encoders import build_encoder
+
+        return int(build_encoder(config, base_dir=base_dir).output_dim)
+    if config.pretrained is None:
+        arch = config.arch or {}
+    else:
+        arch = IMAGEBIND_HUGE_ARCH if config.pretrained == IMAGEBIND_HUGE else (config.arch or IMAGEBIND_HUGE_ARCH)
+    if "out_embed_dim" not in arch:
+        from anygpt.encoders import _resolve_arch, import_imagebind_model
+
+        arch = _resolve_arch(import_imagebind_model().ImageBindModel, arch)
+    return int(arch["out_embed_dim"])
 
 
 def merge_lora(llm: torch.nn.Module, factors: LoraFactors, source: object) -> None:

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LoRA rank (default: adapter_config.json, else the tensors' rank; checked against them)")
     co.add_argument("--allow-unexpected", action="store_true",
                     help="ignore tensors NExT-GPT's format does not have (listed in a warning) instead of failing")
+    co.add_argument("--added-tokens", type=Path, default=None, metavar="FILE",
+                    help="NExT-GPT's saved added_tokens.json, giving its tokens' ids (default: the one next to "
+                         "the checkpoint or in its parent folder, else NExT-GPT's published ids)")
 
     pre = sub.add_parser("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
@@ -320,7 +323,7 @@ def _convert(args: argparse.Namespace) -> int:
     for name in ("anygpt.convert", "anygpt.nextgpt"):
         logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
     out = convert_nextgpt(args.checkpoint, args.base_llm, args.out, preset=args.preset, lora_alpha=args.lora_alpha,
-                          lora_r=args.lora_r, allow_unexpected=args.allow_unexpected)
+                          lora_r=args.lora_r, allow_unexpected=args.allow_unexpected, added_tokens=args.added_tokens)
     print(f"wrote {out}  (try: anygpt app --model {out})")
     return 0
 

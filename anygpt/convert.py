@@ -2,9 +2,11 @@
 
     anygpt convert nextgpt pytorch_model.pt --base-llm ~/weights/vicuna-7b-v0 --out nextgpt-7b/
 
-The checkpoint is checked against the architecture first (every tensor and shape, the token ids
-of the signal tokens); then its projectors, embedding rows and merged LoRA are written with the
-whole LLM and its tokenizer, so the directory needs neither the checkpoint nor the base LLM again.
+The checkpoint is checked against the architecture first, from configs alone and before the LLM
+loads (every tensor and shape, the token ids of the signal tokens, read from NExT-GPT's saved
+``added_tokens.json`` where there is one); then its projectors, embedding rows and merged LoRA are
+written with the whole LLM and its tokenizer, so the directory needs neither the checkpoint nor the
+base LLM again.
 The encoder and pretrained decoders stay references (the ImageBind cache, hub ids): they are
 neither loaded nor copied.
 """
@@ -17,9 +19,9 @@ from pathlib import Path
 
 from torch import nn
 
-from anygpt.checkpoint import check_replaceable, load_checkpoint, save_model_directory
+from anygpt.checkpoint import (check_nextgpt_checkpoint, check_replaceable, encoder_width, load_nextgpt_state,
+                               save_model_directory)
 from anygpt.config import AnyGPTConfig
-from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
 from anygpt.errors import ConfigError
 from anygpt.model import AnyGPTModel
 from anygpt.pipeline import AnyGPTPipeline, resolve_config
@@ -31,7 +33,8 @@ __all__ = ["conversion_config", "convert_nextgpt"]
 
 def convert_nextgpt(checkpoint: str | os.PathLike, base_llm: str | os.PathLike, out: str | os.PathLike, *,
                     preset: str | os.PathLike = "nextgpt-7b", lora_alpha: float | None = None,
-                    lora_r: int | None = None, allow_unexpected: bool = False) -> Path:
+                    lora_r: int | None = None, allow_unexpected: bool = False,
+                    added_tokens: str | os.PathLike | None = None) -> Path:
     """Write NExT-GPT's ``pytorch_model.pt`` as a model directory ``AnyGPTPipeline.from_pretrained`` loads.
 
     Args:
@@ -43,6 +46,9 @@ def convert_nextgpt(checkpoint: str | os.PathLike, base_llm: str | os.PathLike, 
         lora_alpha, lora_r: the LoRA hyper-parameters (default: a PEFT ``adapter_config.json``
             next to the checkpoint, else NExT-GPT's alpha 32; r is the tensors' rank).
         allow_unexpected: ignore (with a warning) tensors NExT-GPT's format does not have.
+        added_tokens: NExT-GPT's saved ``added_tokens.json``, whose ids the embedding rows are read
+            under (default: one next to the checkpoint or in its parent folder, else NExT-GPT's
+            published ids).
 
     Returns:
         ``out``.
@@ -50,7 +56,8 @@ def convert_nextgpt(checkpoint: str | os.PathLike, base_llm: str | os.PathLike, 
     Raises:
         WeightsNotFoundError: the checkpoint or base LLM cannot be had, or they do not fit the
             architecture (the message lists every missing, misshapen or unexpected tensor, or
-            names the token that cannot be mapped).
+            names the token that cannot be mapped; raised before the LLM loads), or the
+            ``added_tokens.json`` does not fit the checkpoint.
         ConfigError: ``checkpoint`` is not in NExT-GPT's format, or ``out`` is another folder.
     """
     if Path(str(checkpoint).rsplit(":", 1)[-1]).suffix == ".safetensors":
@@ -58,10 +65,12 @@ def convert_nextgpt(checkpoint: str | os.PathLike, base_llm: str | os.PathLike, 
                           f"pytorch_model.pt; name it as `checkpoint:` in a config instead")
     check_replaceable(Path(out))  # before minutes of loading, not after
     config, base_dir = conversion_config(preset, base_llm)
-    logger.info("building %s with the LLM %s", config.name, config.llm.pretrained)
+    options = dict(added_tokens=added_tokens, lora_alpha=lora_alpha, lora_r=lora_r, allow_unexpected=allow_unexpected)
+    path, state = check_nextgpt_checkpoint(config, _absolute(checkpoint), base_dir, **options)
+    logger.info("%s fits %s; building it with the LLM %s", path, config.name, config.llm.pretrained)
     model = AnyGPTModel.from_config(config, base_dir=base_dir, encoder=_encoder_stand_in(config))
-    load_checkpoint(model, str(checkpoint), None, lora_alpha=lora_alpha, lora_r=lora_r,
-                    allow_unexpected=allow_unexpected)
+    load_nextgpt_state(model, state, source=path, folder=path.parent, **options)
+    logger.info("loaded NExT-GPT checkpoint %s", path)
     pipe = AnyGPTPipeline(model, base_dir=base_dir)
     # Decoders built from `arch` exist nowhere else, so they are written; pretrained ones are referenced.
     decoders = {m: pipe.decoder(m) for m in config.output_modalities
@@ -82,6 +91,13 @@ def conversion_config(preset: str | os.PathLike, base_llm: str | os.PathLike) ->
     return AnyGPTConfig.from_dict(data), base_dir
 
 
+def _absolute(reference: str | os.PathLike) -> str:
+    """A local checkpoint path made absolute (it is the user's, not relative to the preset's
+    folder); a ``hub_id:filename`` unchanged."""
+    local = Path(reference).expanduser()
+    return str(local.resolve()) if local.exists() else str(reference)
+
+
 class _EncoderReference(nn.Module):
     """Stands in for an encoder the model directory only references: converting needs its
     width (for the input projectors), not its weights."""
@@ -92,10 +108,9 @@ class _EncoderReference(nn.Module):
 
 
 def _encoder_stand_in(config: AnyGPTConfig) -> nn.Module | None:
-    """A stand-in for a pretrained ImageBind of known width; None where the encoder must be built
-    (random weights, saved whole) or its width is not in the config."""
+    """A stand-in for a pretrained ImageBind; None where the encoder must be built (random
+    weights, saved whole)."""
     encoder = config.encoder
     if encoder.name != "imagebind" or encoder.pretrained is None:
         return None
-    arch = IMAGEBIND_HUGE_ARCH if encoder.pretrained == IMAGEBIND_HUGE else (encoder.arch or IMAGEBIND_HUGE_ARCH)
-    return _EncoderReference(int(arch["out_embed_dim"])) if "out_embed_dim" in arch else None
+    return _EncoderReference(encoder_width(encoder))

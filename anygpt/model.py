@@ -25,7 +25,7 @@ from anygpt.seeding import seeded
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnyGPTModel", "ModelOutput", "decoder_config"]
+__all__ = ["AnyGPTModel", "ModelOutput", "decoder_config", "build_projectors", "signal_tokens"]
 
 
 @dataclass
@@ -45,6 +45,28 @@ def decoder_config(config: AnyGPTConfig, modality: str, base_dir: Path | None = 
     if dec.pretrained is not None:
         dec = dataclasses.replace(dec, pretrained=resolve_path(dec.pretrained, base_dir))
     return dec
+
+
+def signal_tokens(config: AnyGPTConfig) -> dict[str, list[str]]:
+    """Output modality → the signal-token run the LLM gets for it under ``config``."""
+    return {name: get_modality(name).signal_tokens(m.num_signal_tokens)
+            for name, m in config.modalities.items() if m.has_output}
+
+
+def build_projectors(config: AnyGPTConfig, encoder_dim: int, llm_dim: int,
+                     base_dir: Path | None = None) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """The input and output projectors ``config`` describes, between an encoder of width
+    ``encoder_dim`` and an LLM of hidden size ``llm_dim`` (built on the current default device:
+    under ``torch.device("meta")`` they hold no memory)."""
+    from anygpt import decoders
+
+    inputs = nn.ModuleDict({name: build_input_projector(m.input_projector, encoder_dim, llm_dim)
+                            for name, m in config.modalities.items() if m.has_input})
+    outputs = nn.ModuleDict()
+    for name in config.output_modalities:
+        queries, width = decoders.condition_shape(decoder_config(config, name, base_dir))
+        outputs[name] = OutputProjector(llm_dim, queries, width, config.modalities[name].output_projector)
+    return inputs, outputs
 
 
 class AnyGPTModel(nn.Module):
@@ -72,28 +94,15 @@ class AnyGPTModel(nn.Module):
         ``encoder`` replaces the one ``config.encoder`` describes (it needs an ``output_dim``):
         a stand-in where only the LLM and projectors matter, as when converting a checkpoint.
         """
-        from anygpt import decoders
         from anygpt.encoders import build_encoder
 
         if encoder is None:
             encoder = build_encoder(config.encoder, base_dir=base_dir)
-        signal_tokens = {
-            name: get_modality(name).signal_tokens(m.num_signal_tokens)
-            for name, m in config.modalities.items() if m.has_output
-        }
-        lm = LanguageModel.from_config(config.llm, signal_tokens, base_dir=base_dir)
+        lm = LanguageModel.from_config(config.llm, signal_tokens(config), base_dir=base_dir)
         # The projectors' random initialisation is seeded on a forked CPU generator, so building
         # a model leaves the caller's random state as it was.
         with seeded(config.seed):
-            inputs = nn.ModuleDict({
-                name: build_input_projector(m.input_projector, encoder.output_dim, lm.hidden_size)
-                for name, m in config.modalities.items() if m.has_input
-            })
-            outputs = nn.ModuleDict()
-            for name in config.output_modalities:
-                queries, width = decoders.condition_shape(decoder_config(config, name, base_dir))
-                outputs[name] = OutputProjector(lm.hidden_size, queries, width,
-                                                config.modalities[name].output_projector)
+            inputs, outputs = build_projectors(config, encoder.output_dim, lm.hidden_size, base_dir)
         model = cls(config, encoder, lm, inputs, outputs).eval()
         return model
 

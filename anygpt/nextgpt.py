@@ -5,7 +5,8 @@ NExT-GPT's training code saves one flat ``pytorch_model.pt`` of its trainable te
 projector ``llama_proj``, the three output projectors ``gen_text_hidden_fcs{,_video,_audio}.0``,
 the LLM's resized ``embed_tokens`` and ``lm_head`` and the LoRA factors of ``q/k/v/o_proj`` in
 every layer (PEFT names, under ``llama_model.``). Its tokenizer is Vicuna's plus 38 tokens added in
-a fixed order (:data:`NEXTGPT_TOKENS`: ``<Img>`` = 32000 … ``[AUD7]`` = 32037).
+a fixed order (:data:`NEXTGPT_TOKENS`: ``<Img>`` = 32000 … ``[AUD7]`` = 32037), saved next to the
+checkpoint; its ``added_tokens.json`` gives those ids (:func:`checkpoint_token_ids`).
 
 This module only reads and checks tensors; :func:`anygpt.checkpoint.load_checkpoint` applies them
 to a model and ``anygpt convert nextgpt`` writes a model directory from them.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,9 +33,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NEXTGPT_LORA_ALPHA", "NEXTGPT_LORA_R", "NEXTGPT_TOKENS", "NextGPTLayout", "NextGPTWeights",
-           "TokenRows", "build_layout", "check_state", "convert_state", "layout_for_model", "lora_scale",
-           "nextgpt_token_ids", "normalise_keys", "token_rows"]
+__all__ = ["ADDED_TOKENS_JSON", "NEXTGPT_LORA_ALPHA", "NEXTGPT_LORA_R", "NEXTGPT_TOKENS", "NextGPTLayout",
+           "NextGPTWeights", "TokenRows", "build_layout", "check_state", "checkpoint_token_ids", "convert_state",
+           "find_added_tokens", "layout_for_model", "lora_scale", "nextgpt_token_ids", "normalise_keys",
+           "read_added_tokens", "token_rows"]
 
 #: NExT-GPT's output projector of each modality (``text_emb_to_*_layers: [-1]``: one layer, index 0).
 OUTPUT_PREFIXES = {"image": "gen_text_hidden_fcs.0.", "video": "gen_text_hidden_fcs_video.0.",
@@ -60,6 +63,8 @@ NEXTGPT_TOKENS: tuple[str, ...] = ("<Img>", "</Img>", *(f"[{prefix}{i}]" for pre
 NEXTGPT_LORA_R = 32
 NEXTGPT_LORA_ALPHA = 32.0
 ADAPTER_CONFIG = "adapter_config.json"
+#: The file of NExT-GPT's saved tokenizer that maps each added token to its id.
+ADDED_TOKENS_JSON = "added_tokens.json"
 
 
 def nextgpt_token_ids(base_vocab: int = 32000) -> dict[str, int]:
@@ -178,16 +183,20 @@ class TokenRows:
     unused: tuple[str, ...]
 
 
-def token_rows(vocab: Mapping[str, int], num_rows: int, added: Sequence[str]) -> TokenRows:
+def token_rows(vocab: Mapping[str, int], num_rows: int, added: Sequence[str],
+               ids: Mapping[str, int] | None = None) -> TokenRows:
     """Map the model's embedding rows to NExT-GPT's, by token string.
 
-    NExT-GPT's ids are fixed by the order it added its tokens (:data:`NEXTGPT_TOKENS`), whatever
+    NExT-GPT's ids are those of its saved tokenizer (``ids``, from its ``added_tokens.json``),
+    else the ones fixed by the order it added its tokens (:data:`NEXTGPT_TOKENS`), whatever
     order the AnyGPT config lists its modalities in.
 
     Args:
         vocab: the model's tokenizer vocabulary (token → id).
         num_rows: rows of the model's embedding matrix.
         added: the tokens the config added (media wrappers and signal runs).
+        ids: NExT-GPT's id of each of its tokens (other entries, such as a pad token it added,
+            only widen its matrices); default :func:`nextgpt_token_ids` after the base vocabulary.
 
     Raises:
         WeightsNotFoundError: an added token has no NExT-GPT row (named in the message), or the
@@ -202,11 +211,19 @@ def token_rows(vocab: Mapping[str, int], num_rows: int, added: Sequence[str]) ->
         raise WeightsNotFoundError(
             f"NExT-GPT checkpoint: the tokenizer has {token!r} at id {i}, inside its base vocabulary of "
             f"{base} rows; NExT-GPT's tokens follow the base vocabulary; use the base LLM's own tokenizer")
+    theirs = nextgpt_token_ids(base) if ids is None else dict(ids)
+    inside = sorted((theirs[t], t) for t in NEXTGPT_TOKENS if theirs[t] < base)
+    if inside:
+        i, token = inside[0]
+        raise WeightsNotFoundError(
+            f"NExT-GPT checkpoint: its tokenizer has {token!r} at id {i}, inside this LLM's base vocabulary "
+            f"of {base} rows, so it was trained on another base LLM; give the LLM it was trained on "
+            f"(NExT-GPT: Vicuna-7B v0, 32000 tokens)")
     index = torch.arange(num_rows)
     for token, i in ours.items():
-        index[i] = base + NEXTGPT_TOKENS.index(token)
+        index[i] = theirs[token]
     unused = tuple(t for t in NEXTGPT_TOKENS if t not in ours)
-    return TokenRows(index, base + len(NEXTGPT_TOKENS), unused)
+    return TokenRows(index, max(theirs.values()) + 1, unused)
 
 
 def _check_added_tokens(added: Sequence[str]) -> None:
@@ -233,15 +250,96 @@ def _token_hint(token: str) -> str:
             "llm.media_begin: <Img> and llm.media_end: </Img> and keep NExT-GPT's modalities")
 
 
+def find_added_tokens(folder: Path | None, given: str | os.PathLike | None = None) -> Path | None:
+    """The ``added_tokens.json`` of NExT-GPT's saved tokenizer: ``given``, else the one next to
+    the checkpoint (in ``folder``), else the one in ``folder``'s parent; None when there is none.
+
+    Raises:
+        WeightsNotFoundError: ``given`` is not a file.
+    """
+    if given is not None:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"--added-tokens {path}: no such file; give the {ADDED_TOKENS_JSON} "
+                                       f"NExT-GPT saved with its tokenizer, or leave the option out")
+        return path
+    if folder is None:
+        return None
+    folder = Path(folder)
+    return next((p for p in (folder / ADDED_TOKENS_JSON, folder.parent / ADDED_TOKENS_JSON) if p.is_file()), None)
+
+
+def read_added_tokens(path: Path, checkpoint_rows: int | None = None) -> dict[str, int]:
+    """NExT-GPT's token → id map from its tokenizer's ``added_tokens.json``, checked.
+
+    Args:
+        path: the file.
+        checkpoint_rows: rows of the checkpoint's ``embed_tokens``; every id must be below it
+            (None: not checked).
+
+    Raises:
+        WeightsNotFoundError: in one line naming ``path``: the file is not a token → id JSON
+            object, lacks one of :data:`NEXTGPT_TOKENS`, gives two tokens one id, or gives an id
+            outside the checkpoint's rows.
+    """
+    fix = (f"give the {ADDED_TOKENS_JSON} saved with this checkpoint (--added-tokens FILE), or remove this "
+           f"one to use NExT-GPT's published ids")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WeightsNotFoundError(f"{path}: not a readable JSON file ({exc}); {fix}") from exc
+    if not (isinstance(data, dict) and all(type(v) is int for v in data.values())):
+        raise WeightsNotFoundError(f"{path}: not a JSON object of token → integer id, as a tokenizer's "
+                                   f"save_pretrained writes it; {fix}")
+    missing = [t for t in NEXTGPT_TOKENS if t not in data]
+    if missing:
+        raise WeightsNotFoundError(f"{path}: lacks {len(missing)} of NExT-GPT's tokens ({_listing(missing)}); {fix}")
+    seen: dict[int, str] = {}
+    for token, i in data.items():
+        if i in seen:
+            raise WeightsNotFoundError(f"{path}: {seen[i]!r} and {token!r} share id {i}; {fix}")
+        seen[i] = token
+    if checkpoint_rows is not None:
+        outside = sorted((i, t) for t, i in data.items() if not 0 <= i < checkpoint_rows)
+        if outside:
+            i, token = outside[0]
+            raise WeightsNotFoundError(f"{path}: {token!r} has id {i}, outside the checkpoint's {checkpoint_rows} "
+                                       f"embedding rows (0…{checkpoint_rows - 1}); {fix}")
+    return data
+
+
+def checkpoint_token_ids(state: Mapping[str, torch.Tensor], folder: Path | None,
+                         given: str | os.PathLike | None = None, *, log: bool = True) -> dict[str, int] | None:
+    """NExT-GPT's token ids for a (normalised) checkpoint: read from its ``added_tokens.json``
+    (see :func:`find_added_tokens`), or None for the published ones (:func:`nextgpt_token_ids`).
+    The source is logged at INFO unless ``log`` is false.
+
+    Raises:
+        WeightsNotFoundError: the file is not valid for this checkpoint (see :func:`read_added_tokens`).
+    """
+    path = find_added_tokens(folder, given)
+    if path is None:
+        if log:
+            logger.info("NExT-GPT token ids: its published ones (<Img> first after the base vocabulary … "
+                        "[AUD7]); no %s next to the checkpoint or in its parent folder", ADDED_TOKENS_JSON)
+        return None
+    embed = state.get(EMBED_KEY)
+    ids = read_added_tokens(path, int(embed.shape[0]) if embed is not None and embed.dim() == 2 else None)
+    if log:
+        logger.info("NExT-GPT token ids: read from %s", path)
+    return ids
+
+
 # Checking ------------------------------------------------------------------------------------
 
 
 def check_state(state: Mapping[str, torch.Tensor], layout: NextGPTLayout, *, source: object,
-                allow_unexpected: bool = False) -> int:
+                allow_unexpected: bool = False, log: bool = True) -> int:
     """Check a (normalised) checkpoint against ``layout``: every key there, every shape right.
 
     Reads shapes only, never values. Keys under ``layout.unused`` are ignored; other keys the
-    layout does not expect are an error unless ``allow_unexpected`` (then a warning).
+    layout does not expect are an error unless ``allow_unexpected`` (then a warning, unless
+    ``log`` is false: a check made again later logs it then).
 
     Returns:
         the LoRA rank r.
@@ -268,12 +366,18 @@ def check_state(state: Mapping[str, torch.Tensor], layout: NextGPTLayout, *, sou
     if problems:
         raise WeightsNotFoundError(f"{source}: not a NExT-GPT checkpoint of this architecture: "
                                    + "; ".join(problems) + _shape_hint(wrong))
+    if log:
+        _log_ignored(state, layout, unexpected, source)
+    return rank
+
+
+def _log_ignored(state: Mapping[str, torch.Tensor], layout: NextGPTLayout, unexpected: Sequence[str],
+                 source: object) -> None:
     if unexpected:
         logger.warning("%s: ignoring %d unexpected tensor(s): %s", source, len(unexpected), _listing(unexpected))
     unused = sorted({p for k in state for p in layout.unused if k.startswith(p)})
     if unused:
         logger.info("%s: this config does not use %s*", source, "*, ".join(unused))
-    return rank
 
 
 def _lora_rank(state: Mapping[str, torch.Tensor], layout: NextGPTLayout) -> int:
@@ -311,12 +415,12 @@ def _shape_hint(wrong: Sequence[str]) -> str:
 
 
 def lora_scale(rank: int, *, alpha: float | None = None, r: int | None = None,
-               folder: Path | None = None) -> float:
+               folder: Path | None = None, log: bool = True) -> float:
     """PEFT's LoRA scale ``alpha / r`` for a checkpoint whose factors have rank ``rank``.
 
     ``alpha`` and ``r`` come from the arguments, else from a PEFT ``adapter_config.json`` in
     ``folder``, else NExT-GPT's training config (alpha 32; r is the factors' rank). The choice is
-    logged.
+    logged (unless ``log`` is false).
 
     Raises:
         WeightsNotFoundError: ``r`` (given or from the adapter config) is not the factors' rank.
@@ -333,13 +437,14 @@ def lora_scale(rank: int, *, alpha: float | None = None, r: int | None = None,
     if r is not None and r != rank:
         raise WeightsNotFoundError(f"NExT-GPT checkpoint: LoRA r is {r} but its lora_A tensors have rank "
                                    f"{rank}; drop --lora-r (the rank is read from the tensors) or fix it")
-    if alpha_from != "given" and "lora_alpha" not in adapter and rank != NEXTGPT_LORA_R:
+    if log and alpha_from != "given" and "lora_alpha" not in adapter and rank != NEXTGPT_LORA_R:
         logger.warning("LoRA rank %d is not NExT-GPT's %d, yet alpha defaulted to NExT-GPT's %g; pass "
                        "--lora-alpha if the checkpoint was trained with another", rank, NEXTGPT_LORA_R, alpha)
     denominator = rank ** 0.5 if adapter.get("use_rslora") else rank
     scale = alpha / denominator
-    logger.info("LoRA scale %g = alpha %g (%s) / %s %d", scale, alpha, alpha_from,
-                "sqrt r" if adapter.get("use_rslora") else "r", rank)
+    if log:
+        logger.info("LoRA scale %g = alpha %g (%s) / %s %d", scale, alpha, alpha_from,
+                    "sqrt r" if adapter.get("use_rslora") else "r", rank)
     return scale
 
 

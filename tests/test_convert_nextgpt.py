@@ -458,3 +458,232 @@ def test_convert_reports_what_is_missing_and_unmappable(tiny_release, base_llm, 
     five.to_yaml(tmp_path / "five.yaml")
     assert main([*args, "--preset", str(tmp_path / "five.yaml")]) == 2
     assert "'[IMG4]' has no row" in capsys.readouterr().err
+
+
+# Checked before the LLM loads ------------------------------------------------------------------------
+
+
+class _LLMLoaded(Exception):
+    """Raised by the stand-in for the LLM's weight loading."""
+
+
+@pytest.fixture
+def llm_loads(monkeypatch):
+    """Every call that would load the LLM's weights is recorded, and fails."""
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+
+    def from_pretrained(*args, **kwargs):
+        calls.append(args)
+        raise _LLMLoaded(args)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return calls
+
+
+def _vicuna_configs_only(folder):
+    """Vicuna-7B v0 as a folder of configs without weights: its config.json (from the shipped
+    architecture file) and a 32000-token tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from anygpt.architectures import component_spec
+
+    LlamaConfig(**component_spec("vicuna-7b-v0", "llm")["config"]).save_pretrained(folder)
+    vocab = {f"piece{i}": i for i in range(32000)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="piece0"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="piece0").save_pretrained(folder)
+    return folder
+
+
+def test_the_full_release_is_checked_from_configs_alone(tmp_path, llm_loads):
+    """nextgpt-7b with a Vicuna folder that holds no weights: the 647 tensors pass, a missing one
+    is named, and nothing loads the LLM."""
+    from anygpt.checkpoint import check_nextgpt_state
+    from anygpt.convert import conversion_config
+
+    config, base_dir = conversion_config("nextgpt-7b", _vicuna_configs_only(tmp_path))
+    state = _zero_stride_state(RELEASE_SHAPES)
+    check_nextgpt_state(config, state, source="pytorch_model.pt", base_dir=base_dir)
+    del state["gen_text_hidden_fcs_audio.0.query_embs"]
+    with pytest.raises(WeightsNotFoundError, match=r"missing 1 tensor\(s\): gen_text_hidden_fcs_audio.0.query_embs"):
+        check_nextgpt_state(config, state, source="pytorch_model.pt", base_dir=base_dir)
+    assert llm_loads == []
+
+
+def _write_added_tokens(folder, ids):
+    path = folder / "added_tokens.json"
+    path.write_text(json.dumps(ids))
+    return path
+
+
+@pytest.mark.parametrize("breakage", ["missing projector tensor", "lora r", "added tokens"])
+def test_a_bad_checkpoint_fails_before_the_llm_loads(breakage, tiny_release, base_llm, tmp_path, capsys, llm_loads):
+    from anygpt.cli import main
+
+    raw_yaml, state, _ = tiny_release
+    extra = []
+    if breakage == "missing projector tensor":
+        state = {k: v for k, v in state.items() if k != "gen_text_hidden_fcs_video.0.fc.bias"}
+        expected = "missing 1 tensor(s): gen_text_hidden_fcs_video.0.fc.bias"
+    elif breakage == "lora r":
+        extra = ["--lora-r", "16"]
+        expected = "LoRA r is 16 but its lora_A tensors have rank 32"
+    else:
+        _write_added_tokens(tmp_path, {"<Img>": 257})
+        expected = f"{tmp_path / 'added_tokens.json'}: lacks 37 of NExT-GPT's tokens"
+    torch.save(state, tmp_path / "pytorch_model.pt")
+    assert main(["convert", "nextgpt", str(tmp_path / "pytorch_model.pt"), "--base-llm", str(base_llm),
+                 "--out", str(tmp_path / "out"), "--preset", str(raw_yaml), *extra]) == 2
+    assert expected in capsys.readouterr().err
+    assert llm_loads == [] and not (tmp_path / "out").exists()
+
+
+def test_a_good_checkpoint_goes_on_to_load_the_llm(tiny_release, base_llm, tmp_path, llm_loads):
+    """The stand-in above is on the conversion's path: a checkpoint that passes reaches it."""
+    from anygpt.convert import convert_nextgpt
+
+    raw_yaml, _, checkpoint = tiny_release
+    with pytest.raises(_LLMLoaded):
+        convert_nextgpt(checkpoint, base_llm, tmp_path / "out", preset=raw_yaml)
+    assert len(llm_loads) == 1
+
+
+# NExT-GPT's saved added_tokens.json -----------------------------------------------------------------
+
+#: A token order other than NExT-GPT's published one: audio first, then video, image, the wrappers.
+_SHUFFLED = (*(f"[AUD{i}]" for i in range(8)), *(f"[VID{i}]" for i in range(24)),
+             *(f"[IMG{i}]" for i in range(4)), "</Img>", "<Img>")
+
+
+def _reordered(state, order, base=257):
+    """``state`` with its token rows moved to the ids ``order`` gives (each token keeps its row)."""
+    from anygpt.nextgpt import NEXTGPT_TOKENS
+
+    out = dict(state)
+    for key in (LLM + "model.embed_tokens.weight", LLM + "lm_head.weight"):
+        rows = state[key].clone()
+        for i, token in enumerate(order):
+            rows[base + i] = state[key][base + NEXTGPT_TOKENS.index(token)]
+        out[key] = rows
+    return out
+
+
+@pytest.mark.parametrize("where", ["beside", "parent", "given"])
+def test_added_tokens_json_ids_are_honoured(where, tiny_model, tiny_release, tmp_path, caplog):
+    """Rows saved under another id order land under the same token strings as the published
+    order's do, wherever the file is found."""
+    import logging
+
+    from anygpt.checkpoint import load_checkpoint
+
+    caplog.set_level(logging.INFO, logger="anygpt.nextgpt")
+    _, state, checkpoint = tiny_release
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    torch.save(_reordered(state, _SHUFFLED), folder / "pytorch_model.pt")
+    ids = {token: 257 + i for i, token in enumerate(_SHUFFLED)}
+    target = {"beside": folder, "parent": tmp_path, "given": tmp_path / "elsewhere"}[where]
+    target.mkdir(exist_ok=True)
+    path = _write_added_tokens(target, ids)
+    reference, shuffled = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    load_checkpoint(reference, str(checkpoint))
+    load_checkpoint(shuffled, str(folder / "pytorch_model.pt"), added_tokens=path if where == "given" else None)
+    assert f"NExT-GPT token ids: read from {path}" in caplog.text
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        assert torch.equal(getattr(shuffled.lm.model, get)().weight, getattr(reference.lm.model, get)().weight)
+
+
+def test_convert_reads_added_tokens_from_the_flag(converted, tiny_release, base_llm, tmp_path):
+    from anygpt import AnyGPTPipeline
+    from anygpt.cli import main
+
+    raw_yaml, state, _ = tiny_release
+    torch.save(_reordered(state, _SHUFFLED), tmp_path / "pytorch_model.pt")
+    (tmp_path / "tokens").mkdir()
+    path = _write_added_tokens(tmp_path / "tokens", {token: 257 + i for i, token in enumerate(_SHUFFLED)})
+    assert main(["convert", "nextgpt", str(tmp_path / "pytorch_model.pt"), "--base-llm", str(base_llm),
+                 "--out", str(tmp_path / "out"), "--preset", str(raw_yaml), "--added-tokens", str(path)]) == 0
+    ours, before = (AnyGPTPipeline.from_pretrained(p).model.lm.model for p in (tmp_path / "out", converted[0]))
+    assert torch.equal(ours.get_input_embeddings().weight, before.get_input_embeddings().weight)
+    assert torch.equal(ours.get_output_embeddings().weight, before.get_output_embeddings().weight)
+
+
+def _published(base=257):
+    from anygpt.nextgpt import nextgpt_token_ids
+
+    return nextgpt_token_ids(base)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not a readable JSON file"),
+    (json.dumps(["<Img>", "</Img>"]), "not a JSON object of token → integer id"),
+    (json.dumps({**_published(), "[IMG0]": "32002"}), "not a JSON object of token → integer id"),
+    (json.dumps({k: v for k, v in _published().items() if k != "[AUD7]"}), "lacks 1 of NExT-GPT's tokens ([AUD7])"),
+    (json.dumps({**_published(), "[IMG1]": 259}), "'[IMG0]' and '[IMG1]' share id 259"),
+    (json.dumps({**_published(), "[AUD7]": 295}), "'[AUD7]' has id 295, outside the checkpoint's 295 embedding rows"),
+    (json.dumps({**_published(), "<Img>": -1}), "'<Img>' has id -1, outside the checkpoint's 295 embedding rows"),
+])
+def test_a_bad_added_tokens_json_is_named_in_one_line(content, expected, tmp_path):
+    from anygpt.nextgpt import EMBED_KEY, checkpoint_token_ids
+
+    (tmp_path / "added_tokens.json").write_text(content)
+    with pytest.raises(WeightsNotFoundError) as info:
+        checkpoint_token_ids({EMBED_KEY: torch.zeros(295, 4)}, tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'added_tokens.json'}: ") and expected in message
+    assert "\n" not in message and "--added-tokens FILE" in message
+
+
+def test_ids_inside_the_base_vocabulary_and_a_missing_file_are_refused(tmp_path):
+    from anygpt.nextgpt import NEXTGPT_TOKENS, checkpoint_token_ids, token_rows
+
+    vocab = {f"base{i}": i for i in range(257)} | {t: 257 + i for i, t in enumerate(NEXTGPT_TOKENS)}
+    with pytest.raises(WeightsNotFoundError, match=r"'<Img>' at id 5, inside this LLM's base vocabulary of 257"):
+        token_rows(vocab, 295, list(NEXTGPT_TOKENS), {**_published(), "<Img>": 5})
+    with pytest.raises(WeightsNotFoundError, match=r"--added-tokens .*nothing.json: no such file"):
+        checkpoint_token_ids({}, None, tmp_path / "nothing.json")
+
+
+def test_without_added_tokens_json_the_published_ids_are_used(tmp_path, caplog):
+    import logging
+
+    from anygpt.nextgpt import EMBED_KEY, NEXTGPT_TOKENS, checkpoint_token_ids, token_rows
+
+    caplog.set_level(logging.INFO, logger="anygpt.nextgpt")
+    (tmp_path / "checkpoint").mkdir()
+    assert checkpoint_token_ids({EMBED_KEY: torch.zeros(295, 4)}, tmp_path / "checkpoint") is None
+    assert "NExT-GPT token ids: its published ones" in caplog.text
+    vocab = {f"base{i}": i for i in range(257)} | {t: 257 + i for i, t in enumerate(reversed(NEXTGPT_TOKENS))}
+    published = token_rows(vocab, 295, list(NEXTGPT_TOKENS))
+    assert torch.equal(published.index, token_rows(vocab, 295, list(NEXTGPT_TOKENS), _published()).index)
+    assert published.checkpoint_vocab == 295 and int(published.index[vocab["<Img>"]]) == 257
+
+
+def test_the_configs_give_the_layout_and_rows_of_the_built_model(tiny_model):
+    """One layout: read from meta-device modules built from the configs, it is the built model's."""
+    from anygpt.checkpoint import expected_nextgpt_layout
+    from anygpt.nextgpt import layout_for_model, token_rows
+
+    lm = tiny_model.lm
+    added = [lm.config.media_begin, lm.config.media_end, *(t for run in lm.signal_tokens.values() for t in run)]
+    built_rows = token_rows(lm.tokenizer.get_vocab(), lm.model.get_input_embeddings().num_embeddings, added)
+    layout, rows = expected_nextgpt_layout(tiny_model.config)
+    assert layout == layout_for_model(tiny_model, built_rows)
+    assert torch.equal(rows.index, built_rows.index) and rows.checkpoint_vocab == built_rows.checkpoint_vocab == 295
+
+
+def test_a_random_llm_is_checked_from_its_arch():
+    from anygpt.checkpoint import check_nextgpt_state
+    from anygpt.config import AnyGPTConfig
+
+    data = AnyGPTConfig.from_name("tiny").to_dict()
+    for m in data["modalities"].values():
+        m["input_projector"] = {"kind": "linear", "num_tokens": 1}
+    config = AnyGPTConfig.from_dict(data)
+    state = _tiny_checkpoint(config)
+    check_nextgpt_state(config, state, source="pytorch_model.pt")
+    state[LLM + "lm_head.weight"] = state[LLM + "lm_head.weight"][:-1]
+    with pytest.raises(WeightsNotFoundError, match=r"lm_head.weight: expected \(295, 64\), got \(294, 64\)"):
+        check_nextgpt_state(config, state, source="pytorch_model.pt")
