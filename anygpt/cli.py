@@ -20,7 +20,7 @@ from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
 from anygpt.dtypes import DTYPE_NAMES
 from anygpt.errors import AnyGPTError
 from anygpt.modalities import MODALITIES, get_modality
-from anygpt.options import Option
+from anygpt.options import Option, check_options
 
 logger = logging.getLogger("anygpt")
 
@@ -194,9 +194,10 @@ def _generate(args: argparse.Namespace) -> int:
     from anygpt.export import save_output
     from anygpt.types import MediaStarted, TextDelta
 
+    settings = {opt.name: getattr(args, opt.name) for opt in (*SAMPLING_OPTIONS, *DECODE_OPTIONS)}
+    check_options((*SAMPLING_OPTIONS, *DECODE_OPTIONS), settings)  # a bad flag fails before the model loads
     pipe = _load_pipeline(args, progress=not args.quiet)
     media = {name: getattr(args, name) for name in MODALITIES if getattr(args, name)}
-    settings = {opt.name: getattr(args, opt.name) for opt in (*SAMPLING_OPTIONS, *DECODE_OPTIONS)}
     output = None
     for event in pipe.stream(Conversation(), args.prompt, outputs=args.outputs, media=media, **settings):
         if isinstance(event, TextDelta):

@@ -44,6 +44,17 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+#: Bounds of the decode options (see :class:`DecodeOptions`): they bound a call's memory.
+MAX_STEPS = 1000
+SIZE_MULTIPLE = 8
+MAX_SIZE = 2048
+MAX_FRAMES = 128
+MAX_FPS = 120.0
+MAX_AUDIO_S = 120.0
+#: The largest seed: seeds are 63-bit (``torch.Generator.manual_seed`` takes up to 2**64-1; media
+#: item ``i`` of an answer is decoded with ``seed + i``).
+MAX_SEED = 2**63 - 1
 CONFIG_FILENAME = "anygpt_config.yaml"
 
 
@@ -175,17 +186,29 @@ class DecodeOptions:
     This class is the one declaration of these settings: the pipeline's keyword arguments, the
     command line's flags and the chat app's sliders are derived from its fields. None means the
     decoder's own default (the model's native size).
+
+    Bounds: ``steps`` 1 to :data:`MAX_STEPS` (diffusers' schedulers have 1000 training steps and
+    refuse more inference steps); a call gives ``height`` and ``width`` together (one alone is
+    an error; neither: the decoder's size; a decoder's config may set one alone, the other then
+    being the model's native size), each a multiple of :data:`SIZE_MULTIPLE` (the VAEs'
+    scale factor) up to :data:`MAX_SIZE`; at most :data:`MAX_FRAMES` frames, :data:`MAX_FPS`
+    fps and :data:`MAX_AUDIO_S` seconds of audio. Every float must be finite.
     """
 
-    steps: int = option(50, "diffusion denoising steps", minimum=1, ui=(0, 100, 1))
+    steps: int = option(50, "diffusion denoising steps", minimum=1, maximum=MAX_STEPS, ui=(0, 100, 1))
     guidance: float = option(7.5, "classifier-free guidance scale (<= 1 disables it)", minimum=0,
                              ui=(0, 20, 0.5))
-    height: Optional[int] = option(None, "image / video height in pixels", minimum=1, ui=(0, 1024, 64))
-    width: Optional[int] = option(None, "image / video width in pixels", minimum=1, ui=(0, 1024, 64))
-    num_frames: Optional[int] = option(None, "video length in frames", minimum=1, ui=(0, 64, 1))
-    fps: Optional[float] = option(None, "video frame rate", above=0, ui=(0, 30, 1))
-    audio_length_s: Optional[float] = option(None, "audio length in seconds", above=0, ui=(0, 30, 0.5),
-                                             flag="--audio-length")
+    height: Optional[int] = option(None, "image / video height in pixels (with width)", minimum=SIZE_MULTIPLE,
+                                   maximum=MAX_SIZE, multiple_of=SIZE_MULTIPLE, together="width",
+                                   ui=(0, 1024, 64))
+    width: Optional[int] = option(None, "image / video width in pixels (with height)", minimum=SIZE_MULTIPLE,
+                                  maximum=MAX_SIZE, multiple_of=SIZE_MULTIPLE, together="height",
+                                  ui=(0, 1024, 64))
+    num_frames: Optional[int] = option(None, "video length in frames", minimum=1, maximum=MAX_FRAMES,
+                                       ui=(0, 64, 1))
+    fps: Optional[float] = option(None, "video frame rate", above=0, maximum=MAX_FPS, ui=(0, 30, 1))
+    audio_length_s: Optional[float] = option(None, "audio length in seconds", above=0, maximum=MAX_AUDIO_S,
+                                             ui=(0, 30, 0.5), flag="--audio-length")
 
 
 @dataclass
@@ -282,11 +305,14 @@ class GenerationConfig:
     """LLM generation settings: a preset's defaults, each overridable per call.
 
     Like :class:`DecodeOptions`, the one declaration the pipeline, CLI and app derive from.
+    ``temperature`` must be finite and > 0: greedy decoding is ``do_sample: false``
+    (``--greedy``), not a temperature of 0. Every float must be finite.
     """
 
     max_new_tokens: int = option(256, "most tokens the LLM writes", minimum=1, ui=(1, 1024, 1))
     do_sample: bool = option(True, "sample (false: greedy decoding)", false_flag="--greedy")
-    temperature: float = option(0.7, "sampling temperature", above=0, ui=(0.05, 2.0, 0.05))
+    temperature: float = option(0.7, "sampling temperature (greedy: do_sample false)", above=0,
+                                ui=(0.05, 2.0, 0.05))
     top_p: float = option(0.9, "nucleus sampling mass", above=0, maximum=1, ui=(0.05, 1.0, 0.05))
     top_k: int = option(0, "sample among the k most likely tokens (0: all)", minimum=0)
     repetition_penalty: float = option(1.0, "penalty for repeating tokens (1: none)", above=0)
@@ -294,7 +320,8 @@ class GenerationConfig:
 
     def validate(self, path: str = "generation") -> None:
         validate_options(self, path)
-        require(all(isinstance(s, str) and s for s in self.stop_strings), f"{path}.stop_strings",
+        require(isinstance(self.stop_strings, (list, tuple))
+                and all(isinstance(s, str) and s for s in self.stop_strings), f"{path}.stop_strings",
                "must be a list of non-empty strings")
 
 
@@ -302,7 +329,8 @@ class GenerationConfig:
 class SamplingSettings(GenerationConfig):
     """Per-call LLM settings: the config's generation defaults plus the seed."""
 
-    seed: Optional[int] = option(None, "random seed of sampling and decoding (unset: fresh each call)")
+    seed: Optional[int] = option(None, "random seed of sampling and decoding (unset: fresh each call)",
+                                 minimum=0, maximum=MAX_SEED)
 
 
 #: The per-call LLM settings (and the seed), declared once on :class:`SamplingSettings`.

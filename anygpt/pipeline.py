@@ -18,7 +18,7 @@ from anygpt.errors import ConfigError, UnknownNameError
 from anygpt.generation import LLMResult, SignalRun, generate_stream
 from anygpt.modalities import MODALITIES, get_modality
 from anygpt.model import AnyGPTModel, decoder_config
-from anygpt.options import check_value
+from anygpt.options import check_options
 from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment
 
 logger = logging.getLogger(__name__)
@@ -215,12 +215,13 @@ class AnyGPTPipeline:
         if unknown:
             valid = sorted(sampling_names | set(decode_options) | {get_modality(m).plural for m in MODALITIES})
             raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+        # Every value is checked here, before anything is encoded or generated: a bad decoder
+        # setting must not surface only after the text has been written.
         values = asdict(self.config.generation)
         values.update({n: v for n, v in settings.items() if n in sampling_names and v is not None})
         sampling = SamplingSettings(**values)
         sampling.validate("settings")
-        decode_opts = {name: check_value(decode_options[name], value, name)
-                       for name, value in settings.items() if name in decode_options and value is not None}
+        decode_opts = check_options(DECODE_OPTIONS, settings, "settings")
         return sampling, decode_opts
 
     def _encode_pending(self, conversation: Conversation) -> None:

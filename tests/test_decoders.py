@@ -201,7 +201,7 @@ def test_decode_options_are_the_declared_ones(decoder):
     assert tuple(decoders.base.DECODE_OPTIONS) == tuple(opt.name for opt in options_of(DecodeOptions))
     with pytest.raises(ConfigError, match="unknown decode option.*heigth; valid options: steps, guidance, height"):
         decoder.decode(decoder.negative_condition, heigth=32)
-    with pytest.raises(ConfigError, match="'steps': must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="'steps': must be >= 1 and <= 1000, got 0"):
         decoder.decode(decoder.negative_condition, steps=0)
     with pytest.raises(ConfigError, match="'width': expected an integer, got 32.5"):
         decoder.decode(decoder.negative_condition, width=32.5)
