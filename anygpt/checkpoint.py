@@ -29,8 +29,9 @@ from anygpt import nextgpt
 from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, EncoderConfig, LLMConfig
 from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
 from anygpt.errors import ConfigError, WeightsNotFoundError
-from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source
+from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source, hf_config_for_arch
 from anygpt.paths import resolve_path
+from anygpt.weightfiles import check_dims, check_state, read_json_config, read_safetensors, read_torch_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -257,37 +258,43 @@ def _move_into_place(staging: Path, directory: Path) -> None:
 def load_weights(model: "AnyGPTModel", directory: Path | None) -> None:
     """Load the projector and added-token files of a model directory (if any), then the
     config's ``checkpoint`` (if any)."""
-    from safetensors.torch import load_file
-
     if directory is None:
         pass
     elif (directory / PROJECTORS_FILE).is_file():
-        _load_projectors(model, load_file(str(directory / PROJECTORS_FILE)), directory / PROJECTORS_FILE)
+        path = directory / PROJECTORS_FILE
+        _load_projectors(model, read_safetensors(path, what="projector weights", fix=_DIRECTORY_FIX), path)
     if directory is not None and (directory / ADDED_TOKENS_FILE).is_file():
-        _load_added_rows(model, load_file(str(directory / ADDED_TOKENS_FILE)))
+        path = directory / ADDED_TOKENS_FILE
+        _load_added_rows(model, read_safetensors(path, what="added-token rows", fix=_DIRECTORY_FIX), path)
     if directory is not None and (directory / LLM_LORA_FILE).is_file():
-        factors = _lora_factors(load_file(str(directory / LLM_LORA_FILE)))
-        merge_lora(model.lm.model, factors, source=directory / LLM_LORA_FILE)
+        path = directory / LLM_LORA_FILE
+        factors = _lora_factors(read_safetensors(path, what="LoRA factors", fix=_DIRECTORY_FIX), path)
+        merge_lora(model.lm.model, factors, source=path)
         model.lm.merged_lora = stack_lora(model.lm.merged_lora, factors)
     if model.config.checkpoint:
         load_checkpoint(model, model.config.checkpoint, directory)
 
 
+#: How to fix a bad file of a model directory.
+_DIRECTORY_FIX = ("save the model directory again (AnyGPTPipeline.save_pretrained) or copy it again from where "
+                  "it was made, and check that its anygpt_config.yaml is the one it was saved with")
+
+
 def _load_projectors(model: "AnyGPTModel", state: dict[str, torch.Tensor], source: object) -> None:
-    expected = projector_state(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise WeightsNotFoundError(
-            f"{source}: projector weights do not match the config (missing: {missing[:5]}, "
-            f"unexpected: {unexpected[:5]}); was it saved with a different config?")
+    check_state(projector_state(model), state, source=source, what="projector weights", fix=_DIRECTORY_FIX)
     for prefix, module in (("input_projectors.", model.input_projectors),
                            ("output_projectors.", model.output_projectors)):
         module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-def _load_added_rows(model: "AnyGPTModel", state: dict[str, torch.Tensor]) -> None:
+def _load_added_rows(model: "AnyGPTModel", state: dict[str, torch.Tensor], source: object) -> None:
     ids = torch.tensor(model.lm.added_token_ids())
     llm = model.lm.model
+    expected = {k: v.shape for k, v in added_token_state(model).items()}
+    check_state(expected, state, source=source, what="added-token rows", fix=_DIRECTORY_FIX,
+                allow_unexpected="output_embeddings" not in expected)
+    if "output_embeddings" not in expected:
+        state = {k: v for k, v in state.items() if k != "output_embeddings"}
     with torch.no_grad():
         emb = llm.get_input_embeddings().weight
         emb[ids] = state["input_embeddings"].to(emb.device, emb.dtype)
@@ -319,9 +326,8 @@ def load_checkpoint(model: "AnyGPTModel", reference: str, base_dir: Path | None 
     """
     path = _fetch(reference, base_dir)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        _load_projectors(model, load_file(str(path)), path)
+        fix = "re-download or re-convert it, or check `checkpoint:` in the config that names it"
+        _load_projectors(model, read_safetensors(path, what="projector checkpoint", fix=fix), path)
         return
     load_nextgpt_state(model, read_nextgpt_file(path), source=path, folder=path.parent, added_tokens=added_tokens,
                        lora_alpha=lora_alpha, lora_r=lora_r, allow_unexpected=allow_unexpected)
@@ -355,14 +361,8 @@ def read_nextgpt_file(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         WeightsNotFoundError: the file is not a flat state dict of tensors.
     """
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files written before torch's zip format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors vary by torch version
-        raise WeightsNotFoundError(f"{path}: not a readable torch state dict ({exc}); give NExT-GPT's "
-                                   f"pytorch_model.pt") from exc
+    state = read_torch_file(path, what="NExT-GPT checkpoint",
+                            fix="re-download NExT-GPT's pytorch_model.pt, or check `checkpoint:` in the config")
     if not (isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise WeightsNotFoundError(f"{path}: not a flat state dict of tensors (NExT-GPT's pytorch_model.pt is one)")
     return dict(state)
@@ -482,12 +482,11 @@ def _meta_llm(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_dir:
         arch = dict(config.arch)
         model_type = arch.pop("model_type")
         arch.setdefault("vocab_size", len(tokenizer))
-        try:
-            hf_config = AutoConfig.for_model(model_type, **arch)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"llm.arch: {exc}") from None
+        hf_config = hf_config_for_arch(model_type, arch)
     else:
         source, kwargs = _resolve_source(config, base_dir)
+        if not kwargs.get("gguf_file") and os.path.isfile(os.path.join(source, "config.json")):
+            check_dims(read_json_config(os.path.join(source, "config.json")), os.path.join(source, "config.json"))
         try:
             hf_config = AutoConfig.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as exc:
@@ -556,6 +555,12 @@ def merge_lora(llm: torch.nn.Module, factors: LoraFactors, source: object) -> No
                 raise WeightsNotFoundError(f"{source}: LoRA target {path!r} is not in the LLM; was it "
                                            "trained on another LLM?")
             weight = modules[path].weight
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != weight.shape:
+                raise WeightsNotFoundError(
+                    f"{source}: LoRA factors of {path!r} do not fit the LLM: lora_A has shape "
+                    f"{list(a.shape)} and lora_B {list(b.shape)} in the file, the model expects "
+                    f"[r, {weight.shape[1]}] and [{weight.shape[0]}, r]; was it trained on another LLM? "
+                    f"{_DIRECTORY_FIX[0].upper()}{_DIRECTORY_FIX[1:]}")
             # In float32, as PEFT merges on the CPU: (out, r) @ (r, in) -> (out, in).
             delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * scale
             weight.add_(delta.to(weight.dtype))
@@ -588,6 +593,16 @@ def _lora_state(factors: LoraFactors) -> dict[str, torch.Tensor]:
     return state
 
 
-def _lora_factors(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def _lora_factors(state: Mapping[str, torch.Tensor],
+                  source: object = "LoRA factors") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     paths = sorted({key.rsplit(".", 1)[0] for key in state})
+    for p in paths:
+        missing = [f"{p}.{part}" for part in ("lora_A", "lora_B", "scale") if f"{p}.{part}" not in state]
+        if missing:
+            raise WeightsNotFoundError(f"{source}: LoRA factors: missing tensor(s) {', '.join(map(repr, missing))}; "
+                                       f"{_DIRECTORY_FIX}")
+        if state[f"{p}.scale"].numel() != 1:
+            raise WeightsNotFoundError(f"{source}: LoRA factors: tensor '{p}.scale' has shape "
+                                       f"{list(state[f'{p}.scale'].shape)} in the file, the model expects a scalar; "
+                                       f"{_DIRECTORY_FIX}")
     return {p: (state[f"{p}.lora_A"], state[f"{p}.lora_B"], float(state[f"{p}.scale"])) for p in paths}

@@ -38,6 +38,7 @@ from anygpt.errors import ConfigError, UnknownNameError, WeightsNotFoundError
 from anygpt.paths import cache_dir
 from anygpt.registry import Registry
 from anygpt.seeding import seeded
+from anygpt.weightfiles import check_state, read_safetensors, read_torch_file
 
 if TYPE_CHECKING:
     from anygpt.config import EncoderConfig
@@ -197,7 +198,26 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+_ENCODER_FIX = ("re-download or re-save it (ImageBindEncoder.save_weights), or check encoder.pretrained and "
+                "encoder.arch in the config that names it")
+
+
+def _check_arch_sizes(arch: dict[str, Any]) -> None:
+    """Every ``*_embed_dim``, ``*_num_blocks``, ``*_num_heads`` a positive integer, each embedding
+    width divisible by its number of heads."""
+    for key, value in arch.items():
+        if key.endswith(("_embed_dim", "_num_blocks", "_num_heads")) and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"encoder.arch.{key}: must be a positive integer, got {value!r}")
+    for key, width in arch.items():
+        heads = arch.get(key.replace("_embed_dim", "_num_heads")) if key.endswith("_embed_dim") else None
+        if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+            raise ConfigError(f"encoder.arch.{key}: {width} must be divisible by "
+                              f"{key.replace('_embed_dim', '_num_heads')} ({heads})")
+
+
 def _construct(model_cls: type, arch: dict[str, Any]) -> nn.Module:
+    _check_arch_sizes(arch)
     try:
         return model_cls(**arch)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
@@ -206,18 +226,10 @@ def _construct(model_cls: type, arch: dict[str, Any]) -> nn.Module:
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file or a ``torch.save``'d state dict, on the CPU."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            try:  # memory-map: the 4.8 GB checkpoint is not copied into RAM twice
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # files in the legacy (non-zip) format cannot be mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsNotFoundError(f"could not read encoder weights from {path}: {exc}") from exc
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path, what="encoder weights", fix=_ENCODER_FIX)
+    else:  # memory-mapped where possible: the 4.8 GB checkpoint is not copied into RAM twice
+        state = read_torch_file(path, what="encoder weights", fix=_ENCODER_FIX)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsNotFoundError(
             f"{path} is not a state dict (a mapping of parameter names to tensors); save one "
@@ -234,6 +246,13 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
     dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
     state = {name: tensor.to(dtypes[name]) if tensor.is_floating_point() and name in dtypes else tensor
              for name, tensor in state.items()}
+    expected = model.state_dict()
+    try:  # name the misshapen, missing and unexpected tensors and their shapes
+        check_state(expected, state, source=path, what="encoder weights",
+                    fix="set encoder.arch to the values the file was saved with (empty for ImageBind-huge), or "
+                        + _ENCODER_FIX)
+    except WeightsNotFoundError as exc:
+        raise WeightsNotFoundError(f"the weights do not fit the encoder architecture: {exc}") from exc
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

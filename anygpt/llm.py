@@ -22,12 +22,13 @@ import torch
 from anygpt.config import LLMConfig
 from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, ContextLengthError, WeightsNotFoundError
+from anygpt.weightfiles import check_dims, check_folder, is_size_mismatch, read_json_config, shape_mismatch
 from anygpt.paths import CACHE_PLACEHOLDER, cache_dir, looks_like_path, resolve_path
 from anygpt.seeding import seeded
 from anygpt.turns import MediaRef, SignalMark, Turn
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -508,6 +509,9 @@ def _load_tokenizer(config: LLMConfig, base_dir: Path | None) -> "PreTrainedToke
             raise WeightsNotFoundError(_missing_folder("llm.tokenizer", config.tokenizer, source))
     else:
         source, kwargs = _resolve_source(config, base_dir)
+    config_json = Path(source) / "config.json"
+    if not kwargs.get("gguf_file") and config_json.is_file():  # AutoTokenizer reads it, with raw errors
+        check_dims(read_json_config(config_json), str(config_json))
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -517,7 +521,7 @@ def _load_tokenizer(config: LLMConfig, base_dir: Path | None) -> "PreTrainedToke
 
 
 def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_dir: Path | None) -> "PreTrainedModel":
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(config.dtype, "llm.dtype")
     if config.pretrained is None and config.arch is not None:
@@ -528,24 +532,87 @@ def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_di
         # tokenizer; the special ids must be the tokenizer's.
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             arch.setdefault(name, getattr(tokenizer, name))
-        try:
-            hf_config = AutoConfig.for_model(model_type, **arch)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"llm.arch: {exc}") from None
+        hf_config = hf_config_for_arch(model_type, arch)
         # Seed the CPU generator for the random weights without touching the caller's random state.
         with seeded(config.seed):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
         source, kwargs = _resolve_source(config, base_dir)
+        shapes = check_local_llm_folder(source, kwargs)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            if not shapes or not is_size_mismatch(exc):
+                raise
+            raise WeightsNotFoundError(_mismatch_message(source, kwargs, shapes)) from exc
         except OSError as exc:
             raise WeightsNotFoundError(
                 f"could not load the LLM {source!r} ({exc}); download it (unset HF_HUB_OFFLINE), "
                 f"or point llm.pretrained at a local directory") from exc
+        missing = sorted((info or {}).get("missing_keys") or ())
+        if missing and shapes:
+            raise WeightsNotFoundError(
+                f"{', '.join(str(p) for p in shapes)}: the LLM's weights lack tensor(s) "
+                f"{', '.join(map(repr, missing[:5]))}{' …' if len(missing) > 5 else ''} that {source}/config.json "
+                f"describes; {_LLM_FIX}")
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+_LLM_FIX = ("re-download or re-save the LLM folder (save_pretrained), or re-convert it, or check llm.pretrained "
+            "in the config that names it")
+
+
+def hf_config_for_arch(model_type: str, arch: dict) -> "PretrainedConfig":
+    """The transformers config ``llm.arch`` describes.
+
+    Raises:
+        ConfigError: a size is impossible (zero, negative, not divisible by the heads) or the
+            config class refuses the values.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    check_dims(arch, "llm.arch")
+    try:
+        return AutoConfig.for_model(model_type, **arch)
+    except (ValueError, TypeError, StrictDataclassError) as exc:
+        raise ConfigError(f"llm.arch: {exc}") from exc
+
+
+def check_local_llm_folder(source: str, kwargs: dict) -> dict:
+    """For an LLM in a local folder (not GGUF): check its ``config.json``'s sizes and read the
+    headers of its ``.safetensors`` files, so that a bad file is named before transformers loads it.
+
+    Returns:
+        each weight file → its tensor shapes ({} for a hub id or a GGUF file).
+
+    Raises:
+        ConfigError: ``config.json`` is unreadable or has an impossible size.
+        WeightsNotFoundError: a weight file is not a safetensors file, corrupt or truncated.
+    """
+    folder = Path(source)
+    if kwargs.get("gguf_file") or not folder.is_dir():
+        return {}
+    if (folder / "config.json").is_file():
+        check_dims(read_json_config(folder / "config.json"), str(folder / "config.json"))
+    return check_folder(folder, what="LLM weights", fix=_LLM_FIX)
+
+
+def _mismatch_message(source: str, kwargs: dict, shapes: dict) -> str:
+    """Which tensor of which file has which shape, against what the folder's config.json describes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(source, **kwargs)).state_dict().items()}
+    for path, found in shapes.items():
+        problems = shape_mismatch(expected, found)
+        if problems:
+            return (f"{path}: LLM weights do not fit {source}/config.json: {'; '.join(problems[:5])}; "
+                    f"{_LLM_FIX}")
+    return f"{source}: LLM weights do not fit its config.json (tensor shapes differ); {_LLM_FIX}"
 
 
 def _package_gguf(config: LLMConfig) -> Path | None:

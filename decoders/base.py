@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from anygpt.errors import ConfigError, WeightsNotFoundError
 from anygpt.options import Option, check_value, options_of
 from anygpt.paths import looks_like_path, resolve_path
 from anygpt.registry import Registry
+from anygpt.weightfiles import check_folder, is_size_mismatch
 from anygpt.decoders import tiny
 
 if TYPE_CHECKING:
@@ -159,8 +161,16 @@ class Decoder:
     @classmethod
     def _load_pipeline(cls, pretrained: str, dtype: torch.dtype) -> DiffusionPipeline:
         source = _resolve_source(pretrained)
+        fix = (f"re-download or re-save the pipeline (save_pretrained), or check `pretrained` of decoder "
+               f"{cls.name!r} in the config that names it")
+        shapes = check_folder(source, what=f"weights of decoder {cls.name!r}", fix=fix)
         with _weights_errors(cls.name, source, "pipeline"):
-            return cls._pipeline_type().from_pretrained(source, dtype=dtype, **cls.pipeline_kwargs)
+            try:
+                return cls._pipeline_type().from_pretrained(source, dtype=dtype, **cls.pipeline_kwargs)
+            except (RuntimeError, ValueError) as exc:
+                if not is_size_mismatch(exc):
+                    raise
+                raise WeightsNotFoundError(_mismatch_message(cls.name, source, shapes, exc, fix)) from exc
 
     @classmethod
     def _build_tiny_pipeline(cls, config: DecoderConfig) -> DiffusionPipeline:
@@ -571,6 +581,23 @@ def _weights_errors(decoder: str, source: str, what: str) -> Iterator[None]:
                     "downloaded directory.")
         raise WeightsNotFoundError(f"Cannot load the {what} of decoder {decoder!r} from {source!r}: {exc}. "
                                    f"{hint}") from exc
+
+
+def _mismatch_message(decoder: str, source: str, shapes: Mapping[Path, Mapping[str, tuple]], exc: BaseException,
+                      fix: str) -> str:
+    """Name the file holding the misshapen tensor diffusers reports, with both shapes."""
+    text = " ".join(str(exc).split())
+    match = re.search(r"(?:because|for) ([\w.]+)[: ].*?expected shape (?:torch\.Size\()?\[([\d, ]*)\]", text)
+    key = match.group(1) if match else None
+    files = [str(p) for p, found in shapes.items() if key in found] if key else []
+    where = ", ".join(files) or source
+    if match:
+        found = next((shapes[Path(f)][key] for f in files), None)
+        detail = (f"tensor {key!r} has shape {list(found) if found is not None else '?'} in the file, the model "
+                  f"expects [{match.group(2)}]")
+    else:
+        detail = text[:300]
+    return f"{where}: weights of decoder {decoder!r} do not fit its config: {detail}; {fix}"
 
 
 def _tokenizer_max_length(source: str, default: int) -> int:
