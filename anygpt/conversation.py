@@ -11,12 +11,11 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from anygpt.errors import MediaError
+from anygpt.media.files import check_media_file
 from anygpt.modalities import get_modality
 from anygpt.turns import MediaRef, Turn
 
@@ -33,9 +32,9 @@ def _content_key(modality: str, item: Any) -> str:
     """A key that is equal for equal media: the hash of the file's bytes or of the decoded values."""
     digest = hashlib.sha1(modality.encode())
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if not path.is_file():
-            raise MediaError(f"{path}: no such file; check the path")
+        # The loaders' shared check: a directory, FIFO or device gets its own message, and a
+        # FIFO is never opened (reading one would block).
+        path = check_media_file(item, modality)
         digest.update(path.read_bytes())
     elif hasattr(item, "tobytes") and hasattr(item, "size") and hasattr(item, "mode"):  # PIL image
         digest.update(f"{item.mode}{item.size}".encode())

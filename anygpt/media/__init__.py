@@ -11,7 +11,8 @@ Loading
     :func:`load_image`, :func:`load_audio` and :func:`load_video` accept a path or an
     already-loaded value and return a validated value of the types in :mod:`anygpt.types`.
     Every problem a user can fix (missing, unreadable, empty, corrupt, truncated, unsupported
-    or oversized file) raises :class:`~anygpt.errors.MediaError` whose message starts with the
+    or oversized file; a directory, FIFO, socket or device node instead of a file, refused from
+    its ``os.stat`` without opening it) raises :class:`~anygpt.errors.MediaError` whose message starts with the
     file's path and ends with what to do about it.
 
 Preprocessing

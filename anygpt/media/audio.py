@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 # The limits are module-level, and read at call time, so that an application can tighten or
 # relax them in one place: ``anygpt.media.audio.MAX_AUDIO_SECONDS``.
 
-#: Longest accepted audio file, in seconds. Checked from the header, before decoding.
+#: Longest accepted audio file, in seconds. Checked from the header before decoding where the
+#: header gives an exact length (WAV, FLAC, Ogg); otherwise (MP3) while decoding, which stops
+#: at the limit.
 MAX_AUDIO_SECONDS = 600.0
 #: Most channels accepted in an audio file (a corrupt header can claim thousands).
 MAX_AUDIO_CHANNELS = 32
@@ -57,7 +59,9 @@ def load_audio(audio: PathLike | Audio) -> Audio:
     """Load and validate an audio file; return a float32 :class:`~anygpt.types.Audio`.
 
     Accepted: WAV (incl. WAVE_FORMAT_EXTENSIBLE, RF64, W64), FLAC, Ogg (Vorbis, Opus) and MP3,
-    through libsndfile (``soundfile``), at any sample rate and channel count. The waveform is
+    through libsndfile (``soundfile``), at any sample rate and channel count. MP3 (and FLAC or
+    Ogg whose header leaves the length unset) is decoded to the end of the stream with PyAV,
+    not cut at libsndfile's length estimate. The waveform is
     (T,) for mono and (C, T) otherwise, with the file's sample rate, not resampled.
 
     Args:
@@ -67,7 +71,8 @@ def load_audio(audio: PathLike | Audio) -> Audio:
     Raises:
         MediaError: missing, unreadable, empty, unsupported, corrupt or truncated file; no
             samples; non-finite samples; longer than :data:`MAX_AUDIO_SECONDS` or more than
-            :data:`MAX_AUDIO_CHANNELS` channels (both checked before decoding).
+            :data:`MAX_AUDIO_CHANNELS` channels (checked before decoding; the duration of an
+            MP3, whose header has no exact length, while decoding, which stops at the limit).
     """
     if isinstance(audio, Audio):
         return _validate_audio(audio, "<audio>")
@@ -78,21 +83,203 @@ def load_audio(audio: PathLike | Audio) -> Audio:
 
 
 def _read_sound_file(path: Path) -> tuple[np.ndarray, int]:
-    """Decode ``path`` with libsndfile into a (T, C) float32 array and its sample rate."""
+    """Decode ``path`` into a (T, C) float32 array and its sample rate.
+
+    libsndfile identifies the format and reads the header. WAV, FLAC and Ogg whose header
+    gives the length are decoded by libsndfile (their lengths are exact: the WAV data chunk,
+    FLAC's STREAMINFO, Ogg's last granule position). MP3 gives no exact length (libsndfile
+    estimates it from the file size and the first frame's bitrate, which is wrong for variable
+    bitrate files), and a FLAC or Ogg stream may leave the length unset: these are decoded to
+    the end of the stream with PyAV, :data:`MAX_AUDIO_SECONDS` enforced while decoding.
+    """
     import soundfile as sf
 
     try:
         with sf.SoundFile(str(path)) as sound:
-            _check_audio_header(path, sound.format, sound.samplerate, sound.channels, sound.frames)
-            data = sound.read(dtype="float32", always_2d=True)
-            fmt, rate, declared = sound.format, sound.samplerate, sound.frames
-            log = sound.extra_info
+            fmt, rate, channels, declared = (sound.format, sound.samplerate, sound.channels,
+                                             sound.frames)
+            decode_to_end = fmt == "MP3" or (fmt in _COMPRESSED_FORMATS and declared <= 0)
+            if decode_to_end:
+                _check_audio_header(path, fmt, rate, channels, None)
+            else:
+                _check_audio_header(path, fmt, rate, channels, declared)
+                data = sound.read(dtype="float32", always_2d=True)
+                log = sound.extra_info
     except MediaError:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, OSError) as exc:
         raise MediaError(_audio_open_message(path, exc)) from exc
+    if decode_to_end:
+        data, rate = _decode_to_end(path)
+        if fmt == "MP3":
+            short = _mp3_truncation(path)
+            if short:
+                raise MediaError(
+                    f"{path}: the audio file is truncated ({short}); re-export or re-download it"
+                )
+        return data, rate
     _check_audio_complete(path, fmt, declared, len(data), log)
     return data, rate
+
+
+#: Compressed libsndfile formats; their stream is decoded to the end when no exact length is
+#: known (see :func:`_read_sound_file`).
+_COMPRESSED_FORMATS = ("FLAC", "OGG", "MP3")
+
+
+def _decode_to_end(path: Path) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of ``path`` with PyAV until the end of the stream.
+
+    Decoding stops, with a :class:`MediaError`, as soon as the audio passes
+    :data:`MAX_AUDIO_SECONDS` (a bogus or missing length cannot make it read without bound).
+    """
+    import av
+
+    limit = MAX_AUDIO_SECONDS
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.audio:
+                raise MediaError(f"{path}: the file holds no audio stream; pass an audio file")
+            stream = container.streams.audio[0]
+            rate = int(stream.codec_context.sample_rate or 0)
+            channels = int(stream.codec_context.channels or 0)
+            _check_audio_header(path, _suffix(path), rate, channels, None, check_format=False)
+            max_samples = int(limit * rate)
+            resampler = None
+            chunks: list[np.ndarray] = []
+            total = 0
+            for frame in _decode_packets(path, container, stream):
+                if resampler is None:
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray()
+                    total += chunk.shape[1]
+                    if total > max_samples:
+                        raise MediaError(
+                            f"{path}: audio is longer than the limit of {limit:.0f} s (decoding"
+                            f" stopped there); trim it (e.g. ffmpeg -i in -t {limit:.0f}"
+                            " out.wav)"
+                        )
+                    chunks.append(chunk)
+            if resampler is not None:
+                chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, RuntimeError) as exc:
+        raise MediaError(_audio_open_message(path, exc)) from exc
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise MediaError(f"{path}: the audio has no samples (zero length); use a longer recording")
+    data = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+    if data.shape[1] > max_samples:  # the resampler's flush may add a few samples
+        data = data[:, :max_samples]
+    return np.ascontiguousarray(data.T), rate
+
+
+def _decode_packets(path: Path, container: Any, stream: Any) -> Any:
+    """The decoded frames of ``stream``; like ffmpeg, a packet that does not decode (junk or a
+    tag between or after the frames) is skipped, and only a stream of which nothing decodes
+    is an error."""
+    import av
+
+    decoded, skipped, last_error = 0, 0, None
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError as exc:
+            skipped, last_error = skipped + 1, exc
+            continue
+        for frame in frames:
+            decoded += 1
+            yield frame
+    if skipped:
+        logger.debug("%s: skipped %d undecodable packet(s): %s", path, skipped, last_error)
+        if not decoded:
+            raise MediaError(_audio_open_message(path, last_error))
+
+
+# MPEG audio frame header tables: bitrates (kbit/s) by (version is MPEG-1, layer), sample rates.
+_MPEG_BITRATES = {
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mpeg_frame_length(header: bytes) -> int | None:
+    """Length in bytes of the MPEG audio frame starting with ``header`` (4 bytes), or None."""
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0:
+        return None
+    version = (header[1] >> 3) & 3  # 3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5, 1: reserved
+    layer = 4 - ((header[1] >> 1) & 3)  # 1, 2, 3 (4: reserved)
+    bitrate_index, rate_index = header[2] >> 4, (header[2] >> 2) & 3
+    if version == 1 or layer == 4 or bitrate_index in (0, 15) or rate_index == 3:
+        return None
+    mpeg1 = version == 3
+    bitrate = _MPEG_BITRATES[(mpeg1, layer)][bitrate_index] * 1000
+    rate = _MPEG_RATES[version][rate_index]
+    padding = (header[2] >> 1) & 1
+    if layer == 1:
+        return (12 * bitrate // rate + padding) * 4
+    if layer == 3 and not mpeg1:
+        return 72 * bitrate // rate + padding
+    return 144 * bitrate // rate + padding
+
+
+def _mp3_truncation(path: Path) -> str | None:
+    """Detect an MP3 cut short: the last frame runs past the end of the file, or a Xing/Info
+    or VBRI header declares more frames than the file holds.
+
+    The stream itself was already decoded to its end, so this only tells a damaged file from a
+    complete one; trailing tags (ID3v1, APE) end the frame walk without a complaint.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(10)
+        pos = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: a syncsafe size, and a footer flag
+            pos = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+            pos += 10 if head[5] & 0x10 else 0
+        handle.seek(pos)
+        window = handle.read(64 * 1024)  # the first frame, after any junk
+        start = next((i for i in range(len(window) - 3)
+                      if _mpeg_frame_length(window[i:i + 4])), None)
+        if start is None:
+            return None
+        pos += start
+        handle.seek(pos)
+        first = handle.read(_mpeg_frame_length(window[start:start + 4]) or 0)
+        declared = _mp3_declared_frames(first)
+        frames = 0
+        while pos < size:
+            handle.seek(pos)
+            length = _mpeg_frame_length(handle.read(4))
+            if length is None:
+                break
+            if pos + length > size:
+                return (f"the last MPEG frame needs {length} bytes but only {size - pos}"
+                        " are left in the file")
+            frames += 1
+            pos += length
+    # Encoders disagree on whether the count includes the Xing/Info frame itself; comparing
+    # with all frames walked (that one included) never flags a complete file.
+    if declared is not None and frames < declared:
+        return f"the MP3 header declares {declared} frames but only {frames} are present"
+    return None
+
+
+def _mp3_declared_frames(frame: bytes) -> int | None:
+    """The frame count of a Xing/Info or VBRI header in the first MPEG frame, if it has one."""
+    for tag in (b"Xing", b"Info"):
+        at = frame.find(tag, 4, 64)
+        if at >= 0 and len(frame) >= at + 12 and struct.unpack(">I", frame[at + 4:at + 8])[0] & 1:
+            return struct.unpack(">I", frame[at + 8:at + 12])[0]
+    if frame[36:40] == b"VBRI" and len(frame) >= 54:  # id, version, delay, quality, bytes, frames
+        return struct.unpack(">I", frame[50:54])[0]
+    return None
 
 
 def _audio_open_message(path: Path, exc: Exception) -> str:
@@ -113,9 +300,14 @@ def _audio_open_message(path: Path, exc: Exception) -> str:
     )
 
 
-def _check_audio_header(path: Path, fmt: str, rate: int, channels: int, frames: int) -> None:
-    """Validate format, rate, channels and duration from the header, before decoding."""
-    if fmt not in AUDIO_FORMATS:
+def _check_audio_header(path: Path, fmt: str, rate: int, channels: int, frames: int | None,
+                        *, check_format: bool = True) -> None:
+    """Validate format, rate, channels and duration from the header, before decoding.
+
+    ``frames`` is None where the header gives no exact length (the duration limit is then
+    enforced while decoding, see :func:`_decode_to_end`).
+    """
+    if check_format and fmt not in AUDIO_FORMATS:
         raise MediaError(
             f"{path}: unsupported audio format {fmt} (need WAV, FLAC, OGG or MP3);"
             " convert it to WAV or FLAC"
@@ -126,6 +318,8 @@ def _check_audio_header(path: Path, fmt: str, rate: int, channels: int, frames: 
             f" {MAX_AUDIO_CHANNELS} channels are accepted); the file is corrupt or unusual:"
             " re-export it as mono or stereo WAV"
         )
+    if frames is None:
+        return
     if frames <= 0:
         raise MediaError(f"{path}: the audio has no samples (zero length); use a longer recording")
     if frames / rate > MAX_AUDIO_SECONDS:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Union
 
 from anygpt.errors import MediaError
 
-__all__ = ["PathLike"]
+__all__ = ["PathLike", "check_media_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def _check_file(path: Any, kind: str) -> Path:
     """Return ``path`` as a :class:`Path` after checking it names a readable, non-empty file.
+
+    The one check every loader (image, audio, video) and the conversation's content hash go
+    through. The kind of file system object is taken from :func:`os.stat` before anything is
+    opened, so a directory, FIFO, socket or device node gets its own message and a FIFO is
+    never opened (opening one for reading blocks until a writer appears).
 
     Args:
         path: what the caller passed.
@@ -29,23 +35,80 @@ def _check_file(path: Any, kind: str) -> Path:
             f" or an already-loaded {kind}"
         )
     p = Path(path)
-    if not p.exists():
-        raise MediaError(f"{p}: no such file; check the path and the current directory")
-    if p.is_dir():
-        raise MediaError(f"{p}: is a directory, not a file; pass the path of the {kind} file")
-    if not p.is_file():
-        raise MediaError(f"{p}: is not a regular file (a pipe or device?); save it to a file first")
     try:
-        with open(p, "rb") as handle:
-            first = handle.read(1)
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise MediaError(
+                f"{p}: is a broken symbolic link (its target {os.readlink(p)!r} does not exist);"
+                " fix the link or pass the file itself"
+            ) from None
+        raise MediaError(f"{p}: no such file; check the path and the current directory") from None
+    except NotADirectoryError:
+        raise MediaError(
+            f"{p}: no such file (a folder on the path is a file); check the path"
+        ) from None
+    except PermissionError as exc:
+        raise MediaError(
+            f"{p}: permission denied (a folder on the path cannot be searched); fix the"
+            " folder's permissions (chmod +x)"
+        ) from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = getattr(exc, "strerror", None) or exc
+        raise MediaError(f"{p}: cannot access the file ({reason}); check the path") from exc
+    not_regular = _describe_non_regular(mode, kind)
+    if not_regular:
+        raise MediaError(f"{p}: {not_regular}")
+    try:
+        # O_NONBLOCK: should the path be swapped for a FIFO after the stat, opening it must
+        # not hang; the fstat below then refuses it.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except PermissionError as exc:
         raise MediaError(f"{p}: permission denied; make the file readable (chmod +r)") from exc
     except OSError as exc:
         reason = exc.strerror or exc
         raise MediaError(f"{p}: cannot read the file ({reason}); copy it to a local disk") from exc
+    try:
+        not_regular = _describe_non_regular(os.fstat(fd).st_mode, kind)
+        if not_regular:
+            raise MediaError(f"{p}: {not_regular}")
+        first = os.read(fd, 1)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise MediaError(f"{p}: cannot read the file ({reason}); copy it to a local disk") from exc
+    finally:
+        os.close(fd)
     if not first:
         raise MediaError(f"{p}: the file is empty (0 bytes); the upload or copy may have failed")
     return p
+
+
+def check_media_file(path: Any, kind: str) -> Path:
+    """Public name of the shared file check (see :func:`_check_file`): a :class:`Path` naming a
+    readable, non-empty regular file, or :class:`~anygpt.errors.MediaError`."""
+    return _check_file(path, kind)
+
+
+def _describe_non_regular(mode: int, kind: str) -> str | None:
+    """What is wrong with a file system object of ``mode`` as a media file (None: a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"is a directory, not a file; pass the path of the {kind} file inside it"
+    if stat.S_ISFIFO(mode):
+        return (
+            f"is a FIFO (named pipe), not a file; pass a regular file (save the {kind} from"
+            " the pipe to a file first)"
+        )
+    if stat.S_ISSOCK(mode):
+        return f"is a socket, not a file; pass a regular file (save the {kind} to a file first)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        device = "character" if stat.S_ISCHR(mode) else "block"
+        return (
+            f"is a {device} device node, not a file; pass a regular file (save the {kind} to a"
+            " file first)"
+        )
+    return f"is not a regular file; pass the path of a {kind} file"
 
 
 def _read_head(path: Path, size: int = 64) -> bytes:
