@@ -6,13 +6,19 @@
     anygpt eval --model runs/stage2_decoding/model --data captions_val.jsonl
     anygpt world build --out runs/miniature [--quick]
     anygpt convert nextgpt pytorch_model.pt --base-llm vicuna-7b-v0/ --out nextgpt-7b/
+
+Exit codes: 0 success; 1 an internal error (a bug: one line says where to report it, and
+``--debug`` or ``ANYGPT_DEBUG=1`` prints its traceback); 2 an :class:`~anygpt.errors.AnyGPTError`
+(a problem the user can fix) or a usage error; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,12 +44,23 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+_DEBUG_HELP = "on an error, also print its traceback (same as ANYGPT_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # --debug is accepted after the subcommand too. Its default there is SUPPRESS: a subparser's
+    # defaults overwrite the top-level values, which would undo `anygpt --debug generate ...`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="answer one prompt with text and media")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    gen = add("generate", help="answer one prompt with text and media")
     gen.add_argument("prompt", help="the message; <image>/<audio>/<video> mark where media go")
     _add_model_arguments(gen)
     _add_media_arguments(gen)
@@ -54,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_arguments(gen, DECODE_OPTIONS, "decoders (default: the preset's)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    app = sub.add_parser("app", help="serve the Gradio chat app")
+    app = add("app", help="serve the Gradio chat app")
     _add_model_arguments(app)
     app.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     app.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
@@ -64,19 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
     app.add_argument("--concurrency", type=int, default=1, help="model calls at once (default: 1)")
 
-    tr = sub.add_parser("train", help="run one alignment stage (works under `accelerate launch`)",
-                        description="Train one stage of the alignment recipe. Shipped stage configs: "
-                                    "alignment/configs/stage{1_encoding,2_decoding,3_instruction}.yaml.")
+    tr = add("train", help="run one alignment stage (works under `accelerate launch`)",
+             description="Train one stage of the alignment recipe. Shipped stage configs: "
+                         "alignment/configs/stage{1_encoding,2_decoding,3_instruction}.yaml.")
     tr.add_argument("--config", required=True, type=Path, help="stage config .yaml")
     tr.add_argument("--resume", action="store_true",
                     help="continue from the newest checkpoint under <output_dir>/checkpoints")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted config overrides, e.g. optim.lr=1e-3 train.max_steps=200")
 
-    ev = sub.add_parser("eval", help="evaluate a model on a held-out manifest, or on the world (eval world)",
-                        description="`anygpt eval --model DIR --data FILE` scores an aligned model on a held-out "
-                                    "manifest; `anygpt eval world --model mini` measures how well it draws, "
-                                    "sings, films and understands the synthetic world.")
+    ev = add("eval", help="evaluate a model on a held-out manifest, or on the world (eval world)",
+             description="`anygpt eval --model DIR --data FILE` scores an aligned model on a held-out "
+                         "manifest; `anygpt eval world --model mini` measures how well it draws, "
+                         "sings, films and understands the synthetic world.")
     ev.add_argument("suite", nargs="?", choices=("manifest", "world"), default="manifest",
                     help="what to evaluate on (default: manifest)")
     _add_model_arguments(ev)
@@ -92,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="manifest: write the metrics to this JSON file; world: write metrics, table and "
                          "sample sheets into this folder")
 
-    wo = sub.add_parser("world", help="build the miniature: train every part of `mini` on the world",
-                        description="`anygpt world build --out DIR` trains the encoder, the three decoders and "
-                                    "the three alignment stages on the procedural world, and packages the "
-                                    "result as a model directory (DIR/mini). Reruns resume: finished steps "
-                                    "are skipped. Settings: alignment/configs/miniature.yaml.")
+    wo = add("world", help="build the miniature: train every part of `mini` on the world",
+             description="`anygpt world build --out DIR` trains the encoder, the three decoders and "
+                         "the three alignment stages on the procedural world, and packages the "
+                         "result as a model directory (DIR/mini). Reruns resume: finished steps "
+                         "are skipped. Settings: alignment/configs/miniature.yaml.")
     wo.add_argument("action", choices=("build",), help="what to do (build)")
     wo.add_argument("--out", type=Path, required=True, help="the build folder (created; resumed if it exists)")
     wo.add_argument("--config", type=Path, default=None, help="build settings .yaml (default: the shipped ones)")
@@ -108,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     wo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted settings overrides, e.g. image_decoder.unet.steps=3000")
 
-    co = sub.add_parser("convert", help="convert NExT-GPT's released checkpoint into a model directory",
-                        description="`anygpt convert nextgpt CHECKPOINT --base-llm DIR --out DIR` checks NExT-GPT's "
-                                    "pytorch_model.pt against the architecture (every tensor and shape, the "
-                                    "signal-token ids), merges its LoRA into the base LLM and writes a "
-                                    "self-contained model directory (try: anygpt app --model DIR).")
+    co = add("convert", help="convert NExT-GPT's released checkpoint into a model directory",
+             description="`anygpt convert nextgpt CHECKPOINT --base-llm DIR --out DIR` checks NExT-GPT's "
+                         "pytorch_model.pt against the architecture (every tensor and shape, the "
+                         "signal-token ids), merges its LoRA into the base LLM and writes a "
+                         "self-contained model directory (try: anygpt app --model DIR).")
     co.add_argument("format", choices=("nextgpt",), help="the checkpoint's format (nextgpt)")
     co.add_argument("checkpoint", help="NExT-GPT's pytorch_model.pt, or hub_id:filename "
                                        "(ChocoWu/nextgpt_7b_tiva_v0:pytorch_model.pt)")
@@ -132,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="NExT-GPT's saved added_tokens.json, giving its tokens' ids (default: the one next to "
                          "the checkpoint or in its parent folder, else NExT-GPT's published ids)")
 
-    pre = sub.add_parser("presets", help="list the shipped presets and their components")
+    pre = add("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
     return parser
 
@@ -353,19 +370,73 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """``text`` with its lines joined: every error report is a single line."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _issues_url() -> str:
+    """Where bugs are reported: the ``[project.urls]`` of the installed package's metadata
+    (an Issues / Bug Tracker entry, else the repository or homepage)."""
+    try:
+        from importlib.metadata import metadata
+
+        entries = metadata("anygpt").get_all("Project-URL") or []
+    except Exception:  # noqa: BLE001 - not installed, or unreadable metadata
+        entries = []
+    urls = {}
+    for entry in entries:
+        label, _, url = entry.partition(",")
+        urls[label.strip().lower().replace(" ", "").replace("-", "")] = url.strip()
+    for label in ("issues", "bugtracker", "tracker", "bugs", "repository", "source", "homepage"):
+        if urls.get(label):
+            return urls[label]
+    return "the AnyGPT issue tracker"
+
+
+def _internal_error_line(exc: BaseException) -> str:
+    from anygpt import __version__
+
+    kind = type(exc).__qualname__
+    if type(exc).__module__ not in ("builtins", "__main__"):
+        kind = f"{type(exc).__module__}.{kind}"
+    detail = _one_line(str(exc))
+    return (f"internal error (a bug in anygpt {__version__}): {kind}{': ' + detail if detail else ''}; "
+            f"please report it at {_issues_url()} with the command you ran; "
+            f"rerun with --debug for the traceback")
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get("ANYGPT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``anygpt`` console script."""
+    """Entry point of the ``anygpt`` console script.
+
+    Returns 0 on success, 2 for an :class:`AnyGPTError` (one ``error: ...`` line), 1 for any
+    other exception (a bug: one line saying where to report it), 130 when interrupted. With
+    ``--debug`` (or ``ANYGPT_DEBUG=1``) the traceback is printed too. Usage errors exit 2
+    through argparse's ``SystemExit``, which is not caught.
+    """
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or _debug_from_env()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return _COMMANDS[args.command](args)
     except AnyGPTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence; SystemExit passes through
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(_internal_error_line(exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
