@@ -395,7 +395,12 @@ def _issues_url() -> str:
 
 
 def _internal_error_line(exc: BaseException) -> str:
-    from anygpt import __version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("anygpt")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        __version__ = "(not installed)"
 
     kind = type(exc).__qualname__
     if type(exc).__module__ not in ("builtins", "__main__"):
