@@ -185,7 +185,10 @@ def check_options(options: Sequence[Option], values: Mapping[str, Any], path: st
 
 def validate_options(obj: Any, path: str) -> None:
     """Check every declared option of a dataclass instance (each value; ``together`` is a rule
-    of a call's settings, see :func:`check_options`)."""
+    of a call's settings, see :func:`check_options`), and store each as checked: an integer
+    given for a float option becomes a float, as the libraries it reaches require."""
     for opt in options_of(type(obj)):
-        check_value(opt, getattr(obj, opt.name), f"{path}.{opt.name}")
+        value = check_value(opt, getattr(obj, opt.name), f"{path}.{opt.name}")
+        if value is not getattr(obj, opt.name):
+            object.__setattr__(obj, opt.name, value)
 
