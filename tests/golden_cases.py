@@ -12,7 +12,6 @@ comparison flaky.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -93,12 +92,14 @@ def run_cases(workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
         arrays[f"decoder/{modality}"] = (np.asarray(value) if modality == "image"
                                          else value.waveform if modality == "audio" else value.frames)
 
-    texts["stage2_projectors_sha1"] = _stage2_digest(workdir)
+    arrays["stage2/projectors"] = _stage2_fingerprint(workdir)
     return arrays, texts
 
 
-def _stage2_digest(workdir: Path) -> str:
-    """Train stage 2 for a few steps on the tiny preset; hash the trained projector file."""
+def _stage2_fingerprint(workdir: Path) -> np.ndarray:
+    """Train stage 2 for a few steps on the tiny preset; per trained projector tensor (in name
+    order) its sum, absolute sum and first 8 values. Not a hash: machines whose float kernels
+    differ in the last bit must still agree (the test compares with a tolerance)."""
     from anygpt.alignment.config import CONFIG_DIR, load_train_config
     from anygpt.alignment.recipe import train
     from anygpt.alignment.synthetic import make_synthetic_dataset
@@ -112,11 +113,12 @@ def _stage2_digest(workdir: Path) -> str:
     from safetensors.torch import load_file
 
     state = load_file(str(result.model_dir / "projectors.safetensors"))
-    digest = hashlib.sha1()
+    rows = []
     for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        values = state[key].double().flatten()
+        rows.append(np.concatenate([[values.sum().item(), values.abs().sum().item()],
+                                    np.pad(values[:8].numpy(), (0, max(0, 8 - values.numel())))]))
+    return np.stack(rows)
 
 
 def main() -> None:
