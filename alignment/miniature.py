@@ -337,9 +337,11 @@ def _generic_chat(pipe: Any, max_new_tokens: int, seed: int, progress: bool) -> 
     return answers
 
 
-def _stage_step(stage: int, step: str, start: str) -> Callable[[_Context], dict[str, Any]]:
+def _stage_step(stage: int, step: str, start: str,
+                train_on: tuple[str, str] | None = None) -> Callable[[_Context], dict[str, Any]]:
     """A run of the recipe: the shipped config of ``stage`` with the ``step``'s settings section
-    as overrides, starting from the model that step ``start`` wrote."""
+    as overrides, starting from the model that step ``start`` wrote. ``train_on`` (a step and the
+    key of its results) names the training manifest when it is not the ``data`` step's."""
     names = {1: "stage1_encoding.yaml", 2: "stage2_decoding.yaml", 3: "stage3_instruction.yaml"}
 
     def run(ctx: _Context) -> dict[str, Any]:
@@ -353,6 +355,8 @@ def _stage_step(stage: int, step: str, start: str) -> Callable[[_Context], dict[
                      "data.decoding_train": data["captions_train"]}
         else:
             files = {"data.train": data["captions_train"], "data.val": data["captions_val"]}
+        if train_on is not None:
+            files["data.train"] = _records(ctx)[train_on[0]]["results"][train_on[1]]
         overrides = {"model": str(ctx.folder(start) / "model"), "output_dir": str(ctx.folder(step)),
                      "seed": ctx.seed, **files, "log.trackers": ["csv"], "log.progress_bar": ctx.progress,
                      **ctx.settings[_SECTIONS[step]]}
@@ -363,6 +367,77 @@ def _stage_step(stage: int, step: str, start: str) -> Callable[[_Context], dict[
                 "metrics": {k: round(float(v), 5) for k, v in result.metrics.items()}}
 
     return run
+
+
+def _own_answers_step(ctx: _Context) -> dict[str, Any]:
+    """The stage-3 model's own answers to world requests, as dialogue rows for the projector fit.
+
+    The scripted answers of the ``data`` step are not what the model writes at inference (it
+    samples its text, and may answer "Sure!" where the script restated the caption), and the
+    signal states follow the text before the run. Fitting the output projectors on
+    teacher-forced states of the model's own answers gives them the states they will see.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from anygpt.alignment.world import REQUESTS, all_items
+
+    section = ctx.settings["own_answers"]
+    per_item = int(section["requests_per_item"])
+    pipe = _pipeline(ctx.folder("stage3") / "model")
+    rng = np.random.default_rng([ctx.seed, 3])
+    jobs = []
+    for modality in pipe.config.output_modalities:
+        templates = REQUESTS[modality].train
+        for item in all_items(modality)[:section.get("max_items")]:
+            for t in rng.choice(len(templates), size=min(per_item, len(templates)), replace=False):
+                jobs.append((modality, item.caption(), templates[int(t)].format(caption=item.caption())))
+    rows = []
+    for index, (modality, caption, request) in enumerate(tqdm(jobs, desc="own answers", disable=not ctx.progress)):
+        answer = own_answer(pipe, request, modality, seed=ctx.seed + index,
+                            max_new_tokens=int(section["max_new_tokens"]))
+        rows.append({"conversation": [{"role": "user", "content": request},
+                                      {"role": "assistant", "content": answer, "caption": caption}]})
+    own = "".join(json.dumps(row) + "\n" for row in rows)
+    folder = ctx.folder("own-answers")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "own_answers.jsonl").write_text(own, encoding="utf-8")
+    # The fit's manifest: the scripted dialogues (the caption in the text, a clean mapping) and
+    # the model's own answers (the states inference gives). It sits beside the dialogues, whose
+    # media paths are relative to their manifest.
+    dialogues = Path(_records(ctx)["data"]["results"]["dialogues_train"])
+    fit = dialogues.with_name("projector_fit_train.jsonl")
+    scripted = dialogues.read_text(encoding="utf-8") if section["with_dialogues"] else ""
+    fit.write_text(scripted + own, encoding="utf-8")
+    return {"own_answers_train": str(fit), "rows": len(rows)}
+
+
+def own_answer(pipe: Any, request: str, modality: str, *, seed: int, max_new_tokens: int) -> str:
+    """``pipe``'s LLM answer to ``request`` with a ``modality`` output, sampled with the model's
+    own generation settings and no decoding: the text before the answer's first ``modality``
+    run, then that run (runs of other modalities are left out; the pipeline appends the run
+    when the LLM writes none, as at inference)."""
+    import dataclasses
+
+    from anygpt.config import SamplingSettings
+    from anygpt.conversation import Conversation
+    from anygpt.generation import SignalRun, generate
+
+    conversation = Conversation()
+    conversation.add_user(request)
+    lm = pipe.model.lm
+    settings = SamplingSettings(**{**dataclasses.asdict(pipe.config.generation), "seed": seed,
+                                   "max_new_tokens": max_new_tokens})
+    prompt = lm.tokenize_prompt(conversation.turns, pipe.model.num_media_tokens(), reserve=max_new_tokens)
+    result = generate(lm, pipe.model.embed_prompt(prompt, []), prompt.input_ids, settings, required=(modality,))
+    text = []
+    for piece in result.pieces:
+        if isinstance(piece, SignalRun):
+            if piece.modality == modality:
+                return "".join(text).strip() + " " + "".join(lm.signal_tokens[modality])
+        else:
+            text.append(piece)
+    raise RuntimeError(f"the answer to {request!r} holds no {modality} run although one was required")
 
 
 def _package_step(ctx: _Context) -> dict[str, Any]:
@@ -389,13 +464,14 @@ STEPS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "stage1": _stage_step(1, "stage1", start="base-model"),
     "stage2": _stage_step(2, "stage2", start="stage1"),
     "stage3": _stage_step(3, "stage3", start="stage2"),
-    "projector-fit": _stage_step(3, "projector-fit", start="stage3"),
+    "own-answers": _own_answers_step,
+    "projector-fit": _stage_step(3, "projector-fit", start="stage3", train_on=("own-answers", "own_answers_train")),
     "package": _package_step,
 }
 #: The settings section of each step (whose change makes a recorded step stale).
 _SECTIONS = {"encoder": "encoder", "image-decoder": "image_decoder", "audio-decoder": "audio_decoder",
              "video-decoder": "video_decoder", "base-model": "model", "data": "data", "stage1": "stage1", "stage2": "stage2",
-             "stage3": "stage3", "projector-fit": "projector_fit"}
+             "stage3": "stage3", "own-answers": "own_answers", "projector-fit": "projector_fit"}
 
 
 def _pipeline(model_dir: Path) -> Any:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -96,5 +97,20 @@ def test_quick_build_runs_end_to_end_and_resumes(tmp_path):
     with pytest.raises(ConfigError, match="--redo stage3"):
         miniature.build_miniature(out, changed, progress=False)
     redone = miniature.build_miniature(out, changed, redo=["stage3"], progress=False)
-    assert redone.ran == ["stage3", "projector-fit", "package"]
+    assert redone.ran == ["stage3", "own-answers", "projector-fit", "package"]
     assert redone.steps["stage3"]["results"]["steps"] == 3
+
+    # The projector fit trains on the stage-3 model's own answers, each ending in its request's run.
+    own = redone.steps["own-answers"]["results"]
+    assert redone.steps["projector-fit"]["results"]["model"]
+    answers = (out / "own-answers" / "own_answers.jsonl").read_text()
+    fit = Path(own["own_answers_train"]).read_text()
+    assert fit.endswith(answers) and len(fit) > len(answers)  # after the scripted dialogues
+    rows = [json.loads(line) for line in answers.splitlines()]
+    assert len(rows) == own["rows"] == 2 * 3  # quick: 2 items a modality, 1 request each
+    signal = AnyGPTPipeline.from_pretrained(out / "stage3" / "model").model.lm.signal_tokens
+    for row in rows:
+        user, assistant = row["conversation"]
+        runs = [m for m, tokens in signal.items() if "".join(tokens) in assistant["content"]]
+        assert len(runs) == 1 and assistant["content"].endswith("".join(signal[runs[0]]))
+        assert assistant["caption"] in user["content"]
