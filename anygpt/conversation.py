@@ -3,6 +3,10 @@
 A :class:`Conversation` owns its state. Callers add turns and record encodings through its
 methods, and undo a failed turn with :meth:`Conversation.mark` / :meth:`Conversation.rollback`
 (or the :meth:`Conversation.atomic` block), never by editing its fields.
+
+It also holds the LLM's KV cache from the last answer, so that the next turn prefills only its
+new tokens. The cache says which token or media slot each of its positions holds, and it is
+used only up to where the next prompt first differs; a failed turn drops it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from anygpt.turns import MediaRef, Turn
 
 if TYPE_CHECKING:
     import torch
+
+    from anygpt.generation import PromptCache
 
 __all__ = ["Conversation", "ConversationMark", "MediaInputs", "PendingMedia"]
 
@@ -71,14 +77,18 @@ class Conversation:
     turns reuse the recorded embedding.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_cache: bool = True) -> None:
+        """``keep_cache=False`` never keeps the LLM's KV cache between turns (each turn is
+        prefilled from scratch, and no cache memory stays held by the conversation)."""
         self._turns: list[Turn] = []
         self._encodings: dict[str, "torch.Tensor"] = {}
         self._pending: dict[str, PendingMedia] = {}
+        self.keep_cache = keep_cache
+        self._cache: PromptCache | None = None
 
     def __repr__(self) -> str:
         return (f"Conversation({len(self._turns)} turns, {len(self._encodings)} encoded, "
-                f"{len(self._pending)} pending media)")
+                f"{len(self._pending)} pending media, {self.cached_tokens} cached tokens)")
 
     # Turns -------------------------------------------------------------------------------------
     @property
@@ -136,9 +146,10 @@ class Conversation:
         return ConversationMark(tuple(self._turns), frozenset(self._pending))
 
     def rollback(self, mark: ConversationMark) -> None:
-        """Return to ``mark``: later turns are dropped, and media they brought that were never
-        encoded are forgotten (encodings already computed stay cached)."""
+        """Return to ``mark``: later turns are dropped, media they brought that were never
+        encoded are forgotten (encodings already computed stay cached), and so is the KV cache."""
         self._turns[:] = mark.turns
+        self._cache = None
         for key in set(self._pending) - mark.pending:
             del self._pending[key]
 
@@ -151,6 +162,27 @@ class Conversation:
         except BaseException:
             self.rollback(mark)
             raise
+
+    # The KV cache ------------------------------------------------------------------------------
+    @property
+    def cached_tokens(self) -> int:
+        """How many positions the kept KV cache holds (0 without one)."""
+        return len(self._cache) if self._cache is not None else 0
+
+    def take_cache(self) -> "PromptCache | None":
+        """Hand the kept KV cache to the turn being answered; the conversation no longer holds
+        it (reusing it changes it in place), so a turn that fails leaves none behind."""
+        cache, self._cache = self._cache, None
+        return cache
+
+    def keep(self, cache: "PromptCache | None") -> None:
+        """Keep the KV cache of the answer just generated, for the next turn (unless
+        ``keep_cache`` is off)."""
+        self._cache = cache if self.keep_cache else None
+
+    def clear_cache(self) -> None:
+        """Drop the kept KV cache, e.g. after changing the model's weights in place."""
+        self._cache = None
 
     # Encodings ---------------------------------------------------------------------------------
     def pending(self) -> list[PendingMedia]:

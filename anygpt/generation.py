@@ -4,6 +4,10 @@ One forward pass per token with a KV cache. When a token of a signal run is fed 
 pass returns its last-layer hidden state, so no second pass over the answer is needed. A run
 that has begun is forced to completion; runs for required modalities that the LLM did not write
 are appended at the end in one pass.
+
+A chat keeps its KV cache between turns as a :class:`PromptCache`: the next turn's prompt is
+compared position by position with what the cache holds, the cache is cut back to the longest
+common prefix, and only the rest of the prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import weakref
 from dataclasses import dataclass, field, fields
-from typing import Generator, Sequence
+from typing import Any, Generator, Hashable, Sequence
 
 import torch
 
@@ -20,7 +25,7 @@ from anygpt.config import SamplingSettings
 from anygpt.llm import LanguageModel
 from anygpt.seeding import fresh_seed
 
-__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "generate_stream", "generate"]
+__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "PromptCache", "generate_stream", "generate"]
 
 
 @dataclass
@@ -41,8 +46,38 @@ class SignalRun:
 
 
 @dataclass
+class PromptCache:
+    """A KV cache kept between the turns of a chat, and what each of its positions holds.
+
+    Attributes:
+        cache: the transformers cache object (it is cut back and extended in place when reused).
+        keys: one key per cached position: the token id, or ``(media key, slot)`` at a media
+            slot, so that equal keys mean equal inputs.
+        owner: the LLM that computed it, with its device and dtype; another LLM never reuses it.
+    """
+
+    cache: Any
+    keys: tuple[Hashable, ...]
+    owner: tuple
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def reusable_by(self, model: torch.nn.Module) -> bool:
+        """Whether ``model``, as it is now, computed this cache."""
+        ref, device, dtype = self.owner
+        return ref() is model and (device, dtype) == _placement(model)
+
+
+@dataclass
 class LLMResult:
-    """What the decoding loop produced."""
+    """What the decoding loop produced.
+
+    Attributes:
+        cache: the KV cache of the prompt and the kept answer tokens, when the caller gave
+            ``position_keys`` (to pass as ``reuse=`` with the next turn's prompt).
+        reused_tokens: how many prompt positions came from ``reuse`` rather than the prefill.
+    """
 
     token_ids: list[int] = field(default_factory=list)
     runs: list[SignalRun] = field(default_factory=list)
@@ -50,6 +85,8 @@ class LLMResult:
     stop_reason: str = ""
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    cache: PromptCache | None = None
+    reused_tokens: int = 0
 
 
 class _RunTracker:
@@ -125,6 +162,9 @@ def generate_stream(
     prompt_ids: torch.Tensor,
     settings: SamplingSettings,
     required: Sequence[str] = (),
+    *,
+    position_keys: Sequence[Hashable] | None = None,
+    reuse: PromptCache | None = None,
 ) -> Generator[str, None, LLMResult]:
     """Decode an answer, yielding text deltas as they become final.
 
@@ -134,6 +174,11 @@ def generate_stream(
         prompt_ids: (L,) the prompt's token ids (for the repetition penalty).
         settings: sampling settings.
         required: modalities whose signal run must appear; appended if the LLM wrote none.
+        position_keys: (L,) what each prompt position holds (see :class:`PromptCache`); given,
+            the result carries the KV cache for the next turn.
+        reuse: the previous turn's :attr:`LLMResult.cache`. Its positions that match the
+            prompt's leading keys are kept and only the rest is prefilled; it is modified in
+            place, so it must not be used again.
 
     Yields:
         Text deltas (signal tokens excluded; held back while they could begin a stop string).
@@ -153,9 +198,7 @@ def generate_stream(
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-        out = model(inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
-        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+        cache, logits, result.reused_tokens = _prefill(model, inputs_embeds, position_keys, reuse)
         result.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ids = result.token_ids
@@ -202,15 +245,65 @@ def generate_stream(
             if tail:
                 _add_text(result, tail)
                 yield tail
-        _append_missing_runs(lm, result, required, cache, device, inputs_embeds.shape[1])
+        cache = _append_missing_runs(lm, result, required, cache, device, inputs_embeds.shape[1])
+    if position_keys is not None:
+        result.cache = _keep(model, cache, tuple(position_keys) + tuple(result.token_ids))
     result.decode_s = time.perf_counter() - t0
     return result
 
 
+def _prefill(model: torch.nn.Module, inputs_embeds: torch.Tensor, keys: Sequence[Hashable] | None,
+             reuse: PromptCache | None) -> tuple[Any, torch.Tensor, int]:
+    """Run the prompt through the LLM: ``(cache, last logits (1, V), positions reused)``."""
+    start, past = 0, {}
+    if reuse is not None and keys is not None and reuse.reusable_by(model) and _croppable(reuse.cache):
+        # At least the last prompt position is run again: its logits give the first token.
+        start = min(_common_prefix(reuse.keys, keys), len(keys) - 1)
+        if start > 0:
+            reuse.cache.crop(start - reuse.cache.get_seq_length())  # a negative count: drop the tail
+            past = {_cache_argument(): reuse.cache}
+        else:
+            start = 0
+    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(inputs_embeds=inputs_embeds[:, start:], use_cache=True, **past, **kwargs)
+    return _cache_of(out), out.logits[:, -1, :].float(), start
+
+
+def _common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _croppable(cache: Any) -> bool:
+    # Sliding-window and recurrent caches cannot be cut back to an earlier position.
+    return hasattr(cache, "crop") and bool(getattr(cache, "is_croppable", True))
+
+
+def _placement(model: torch.nn.Module) -> tuple:
+    param = next(model.parameters())
+    return param.device, param.dtype
+
+
+def _keep(model: torch.nn.Module, cache: Any, keys: tuple) -> PromptCache | None:
+    """The cache as a :class:`PromptCache` holding exactly ``keys`` (None if it cannot)."""
+    if cache is None or not _croppable(cache):
+        return None
+    extra = cache.get_seq_length() - len(keys)
+    if extra < 0:  # fewer positions than keys: not a state this loop leaves
+        return None
+    if extra:
+        cache.crop(-extra)  # a stop string's first tokens were fed but cut from the answer
+    return PromptCache(cache, keys, (weakref.ref(model), *_placement(model)))
+
+
 def generate(lm: LanguageModel, inputs_embeds: torch.Tensor, prompt_ids: torch.Tensor,
-             settings: SamplingSettings, required: Sequence[str] = ()) -> LLMResult:
+             settings: SamplingSettings, required: Sequence[str] = (), **kwargs: Any) -> LLMResult:
     """:func:`generate_stream` run to its end, without the text deltas: the whole answer."""
-    stream = generate_stream(lm, inputs_embeds, prompt_ids, settings, required=required)
+    stream = generate_stream(lm, inputs_embeds, prompt_ids, settings, required=required, **kwargs)
     while True:
         try:
             next(stream)
@@ -246,12 +339,13 @@ def _cache_of(output) -> object:
 
 
 def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequence[str], cache, device,
-                         prompt_length: int) -> None:
+                         prompt_length: int) -> Any:
     """Feed the runs of required modalities the LLM did not write, one pass per run.
 
     Each run follows the prompt and the kept answer tokens, as in a teacher-forced pass over
     them. A stop string that spans several tokens leaves its first tokens in the cache although
-    they were cut from the answer, so the cache is cut back to the kept tokens first.
+    they were cut from the answer, so the cache is cut back to the kept tokens first. Returns
+    the cache.
     """
     present = {r.modality for r in result.runs}
     if any(m not in present for m in required):
@@ -269,6 +363,7 @@ def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequenc
         result.runs.append(run)
         result.pieces.append(run)
         result.token_ids.extend(run_ids)
+    return cache
 
 
 class _TextStream:

@@ -75,6 +75,36 @@ class PromptInputs:
     dropped_turns: int = 0
     labels: Optional[torch.Tensor] = None
 
+    def position_keys(self) -> tuple:
+        """What each position holds: its token id, or ``(media key, slot)`` at a media slot.
+
+        Equal keys mean equal LLM inputs, which is what a KV cache kept between chat turns is
+        matched on (:class:`~anygpt.generation.PromptCache`).
+        """
+        keys: list = self.input_ids.tolist()
+        counts = _slot_counts(self.media_mask)
+        if len(counts) != len(self.media):
+            raise ValueError(f"{len(self.media)} media for {len(counts)} runs of media slots")
+        position = iter(self.media_mask.nonzero().flatten().tolist())
+        for ref, count in zip(self.media, counts):
+            for slot in range(count):
+                keys[next(position)] = (ref.key, slot)
+        return tuple(keys)
+
+
+def _slot_counts(mask: torch.Tensor) -> list[int]:
+    """The lengths of the runs of True in a 1-D mask, in order."""
+    counts, run = [], 0
+    for flag in mask.tolist():
+        if flag:
+            run += 1
+        elif run:
+            counts.append(run)
+            run = 0
+    if run:
+        counts.append(run)
+    return counts
+
 
 #: How :meth:`LanguageModel.render` shows a media item (display only: ids are built per atom).
 _MARKER = "<|anygpt-media-{}|>"
@@ -312,23 +342,37 @@ class LanguageModel:
             ContextLengthError: if even the last user turn alone does not fit.
         """
         limit = self.max_context - reserve
-        starts = [i for i, t in enumerate(turns) if t.role == "user"] or [0]
         system = [t for t in turns[:1] if t.role == "system"]
-        for dropped, start in enumerate(starts):
-            kept = list(turns[start:]) if start > 0 else list(turns)
-            if start > 0 and system:
-                kept = system + kept
-            prompt = self._tokenize(kept, num_media_tokens)
-            if prompt.input_ids.numel() <= limit:
-                if start > 0:
-                    logger.warning("prompt too long for the %d-token context: dropped the %d oldest turn(s)",
-                                   self.max_context, start - len(system))
-                prompt.dropped_turns = start - len(system) if start > 0 else 0
-                return prompt
-        raise ContextLengthError(
-            f"the prompt needs {prompt.input_ids.numel()} tokens plus {reserve} new tokens, but the LLM's "
-            f"context holds {self.max_context}; shorten the message, attach fewer media, or lower "
-            f"max_new_tokens")
+        # Candidate starts, oldest first: the whole conversation, then each later user turn (the
+        # system turn is always kept).
+        starts = sorted({len(system)} | {i for i, t in enumerate(turns) if t.role == "user" and i > len(system)})
+        prompts: dict[int, PromptInputs] = {}
+
+        def prompt_from(index: int) -> PromptInputs:
+            if index not in prompts:
+                prompts[index] = self._tokenize(system + list(turns[starts[index]:]), num_media_tokens)
+            return prompts[index]
+
+        # Fewer turns never take more tokens, so the oldest start that fits is found by
+        # bisection: O(log n) renderings of the conversation rather than one per dropped turn.
+        low, high = 0, len(starts) - 1
+        if prompt_from(high).input_ids.numel() > limit:
+            raise ContextLengthError(
+                f"the prompt needs {prompt_from(high).input_ids.numel()} tokens plus {reserve} new tokens, but "
+                f"the LLM's context holds {self.max_context}; shorten the message, attach fewer media, or "
+                f"lower max_new_tokens")
+        while low < high:
+            middle = (low + high) // 2
+            if prompt_from(middle).input_ids.numel() <= limit:
+                high = middle
+            else:
+                low = middle + 1
+        prompt = prompt_from(low)
+        prompt.dropped_turns = starts[low] - len(system)
+        if prompt.dropped_turns:
+            logger.warning("prompt too long for the %d-token context: dropped the %d oldest turn(s)",
+                           self.max_context, prompt.dropped_turns)
+        return prompt
 
     def _tokenize(self, turns: Sequence[Turn], num_media_tokens: dict[str, int]) -> PromptInputs:
         return self._encode(self._atoms(turns), num_media_tokens)

@@ -186,8 +186,11 @@ class AnyGPTPipeline:
         prompt = self.model.lm.tokenize_prompt(conversation.turns, self.model.num_media_tokens(),
                                                reserve=sampling.max_new_tokens)
         embeds = self.model.embed_prompt(prompt, [conversation.encoding(r.key) for r in prompt.media])
+        keys = prompt.position_keys() if conversation.keep_cache else None
         result: LLMResult = yield from _wrap_text(
-            generate_stream(self.model.lm, embeds, prompt.input_ids, sampling, required=tuple(outputs)))
+            generate_stream(self.model.lm, embeds, prompt.input_ids, sampling, required=tuple(outputs),
+                            position_keys=keys, reuse=conversation.take_cache()))
+        conversation.keep(result.cache)
         timings["prefill"], timings["decode"] = result.prefill_s, result.decode_s
 
         segments: list = []
@@ -203,7 +206,8 @@ class AnyGPTPipeline:
             yield segment
         timings["total"] = time.perf_counter() - start
         yield GenerationOutput(segments=segments, raw_text=self.model.lm.decode(result.token_ids),
-                               timings=timings, num_generated_tokens=len(result.token_ids))
+                               timings=timings, num_generated_tokens=len(result.token_ids),
+                               num_prompt_tokens=prompt.input_ids.numel(), num_cached_tokens=result.reused_tokens)
 
     def _settings(self, outputs: Sequence[str], settings: dict) -> tuple[SamplingSettings, dict]:
         for modality in outputs:

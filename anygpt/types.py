@@ -113,12 +113,17 @@ class GenerationOutput:
         raw_text: the LLM's decoded output including signal tokens.
         timings: seconds spent per stage ("encode", "prefill", "decode", "decoder/image", ...).
         num_generated_tokens: tokens the LLM produced (including forced signal tokens).
+        num_prompt_tokens: positions of the prompt, media slots included.
+        num_cached_tokens: prompt positions taken from the chat's kept KV cache rather than
+            prefilled again.
     """
 
     segments: list[Segment] = field(default_factory=list)
     raw_text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     num_generated_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def text(self) -> str:
