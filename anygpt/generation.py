@@ -12,6 +12,7 @@ common prefix, and only the rest of the prompt is prefilled.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 import time
@@ -136,7 +137,6 @@ def _processors(settings: SamplingSettings):
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
-        TopPLogitsWarper,
     )
 
     procs = LogitsProcessorList()
@@ -145,11 +145,49 @@ def _processors(settings: SamplingSettings):
     if settings.do_sample:
         if settings.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_k > 0:
-            procs.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p < 1.0:
-            procs.append(TopPLogitsWarper(settings.top_p))
+            procs.append(_TopP(settings.top_p, settings.top_k))
+        elif settings.top_k > 0:
+            procs.append(TopKLogitsWarper(settings.top_k))
     return procs
+
+
+class _TopP:
+    """Top-k (if ``top_k`` > 0) then nucleus filtering, as transformers' ``TopKLogitsWarper``
+    and ``TopPLogitsWarper`` in turn, without sorting the whole vocabulary.
+
+    The nucleus is found among the largest logits only (``torch.topk``), widened until it holds
+    ``top_p`` of the mass; a step costs O(V) rather than a sort of V (3.3 ms a step for
+    SmolLM2's 49k-token vocabulary).
+    """
+
+    first_guess = 64
+
+    def __init__(self, top_p: float, top_k: int = 0):
+        self.top_p, self.top_k = top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        bound = min(self.top_k, vocab) if self.top_k > 0 else vocab
+        k = min(bound, self.first_guess)
+        if self.top_k > 0:
+            # Top-k keeps every logit tied with the k-th, as transformers' warper does.
+            kth = torch.topk(scores, bound, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        total = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, 1)
+        while True:
+            values, indices = torch.topk(scores, k, dim=-1)  # (B, k), largest first
+            probs = (values - total).exp()
+            before = probs.cumsum(dim=-1) - probs  # the mass of the larger logits
+            # A token is kept while the mass before it is under top_p; more are needed only if
+            # the last one found is still kept and others remain.
+            if k >= bound or bool((before[..., -1] >= self.top_p).all()):
+                break
+            k = min(bound, 2 * k)
+        keep = before < self.top_p
+        keep[..., 0] = True  # at least one token, as min_tokens_to_keep=1
+        filtered = torch.full_like(scores, float("-inf"))
+        return filtered.scatter(-1, indices, values.masked_fill(~keep, float("-inf")))
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -367,38 +405,65 @@ def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequenc
 
 
 class _TextStream:
-    """Turns the ids of the current text span into final text deltas.
+    """Turns the ids of the current text span into final text deltas, decoding incrementally.
 
-    The span is decoded from its start each time (a multi-byte character can span tokens); text
-    that could still become a stop string, or an incomplete character, is held back.
+    Each new token is decoded together with the few tokens before it (a tokenizer may drop a
+    word's leading space without them) and only the new characters are added, so a token costs
+    the same however long the answer is. A token that ends inside a multi-byte character adds
+    nothing until the character is complete. Text that could still become a stop string is
+    held back.
     """
 
     def __init__(self, lm: LanguageModel, stops: Sequence[str]):
         self.lm, self.stops = lm, [s for s in stops if s]
         self.start = self.emitted = self.stop_at = 0
+        self._reset(0)
+
+    def _reset(self, start: int) -> None:
+        self.start = self.prefix_at = self.read_at = self.pushed = start
+        self.emitted = 0
         self.span = ""
+        self.ends: list[int] = []  # len(span) once each token of the span was decoded
 
     def push(self, ids: list[int]) -> tuple[str, bool]:
         """Take the span's newest token; returns ``(delta, stop_string_found)``."""
-        self.span = span = self.lm.decode_text(ids[self.start:])
+        self.pushed = len(ids)
+        self._decode(ids, final=False)
+        span = self.span
         for stop in self.stops:
             pos = span.find(stop, max(0, self.emitted - len(stop)))
             if pos >= 0:
-                self.stop_at = self._token_index(ids, pos)
+                self.stop_at = self._token_index(pos)
                 delta, self.emitted = span[self.emitted:pos], pos
                 return delta, True
         safe = len(span) - self._held(span)
-        if span.endswith("\ufffd"):
-            safe = min(safe, len(span) - 1)
         delta = span[self.emitted:safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return delta, False
 
     def flush(self, next_start: int) -> str:
         """Release held-back text and start a new span at token index ``next_start``."""
+        if self.pushed > self.read_at:
+            self._decode(self._ids, final=True)
         delta = self.span[self.emitted:]
-        self.start, self.emitted, self.span = next_start, 0, ""
+        self._reset(next_start)
         return delta
+
+    def _decode(self, ids: list[int], final: bool) -> None:
+        """Add the text of ``ids[read_at:pushed]`` to the span, once it is whole (or ``final``)."""
+        self._ids = ids
+        end = self.pushed
+        before = self.lm.decode_text(ids[self.prefix_at:self.read_at])
+        after = self.lm.decode_text(ids[self.prefix_at:end])
+        if not final and (after.endswith("\ufffd") or len(after) <= len(before)):
+            self.ends.extend([len(self.span)] * (end - self.start - len(self.ends)))
+            return
+        if after.startswith(before):
+            self.span += after[len(before):]
+        else:  # the context changed how earlier text decodes: decode the span again
+            self.span = self.lm.decode_text(ids[self.start:end])
+        self.ends.extend([len(self.span)] * (end - self.start - len(self.ends)))
+        self.prefix_at, self.read_at = self.read_at, end
 
     def _held(self, span: str) -> int:
         """Length of the longest suffix of ``span`` that is a proper prefix of a stop string."""
@@ -410,9 +475,6 @@ class _TextStream:
                     break
         return best
 
-    def _token_index(self, ids: list[int], char_pos: int) -> int:
-        """Index of the token in which the span's text reaches past ``char_pos``."""
-        for end in range(self.start + 1, len(ids) + 1):
-            if len(self.lm.decode_text(ids[self.start:end])) > char_pos:
-                return end - 1
-        return len(ids)
+    def _token_index(self, char_pos: int) -> int:
+        """Index of the token whose text reaches past ``char_pos`` of the span."""
+        return self.start + bisect.bisect_right(self.ends, char_pos)
