@@ -444,26 +444,60 @@ def audio_to_encoder_input(
         other_geometry: ignored, so that any encoder's options dict can be passed whole.
     """
     import torch
-    import torchaudio
 
     _check_sizes(mel_bins=mel_bins, target_frames=target_frames)
     loaded = load_audio(audio)
     mono = loaded.waveform if loaded.waveform.ndim == 1 else loaded.waveform.mean(axis=0)
     waveform = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).unsqueeze(0)
-    if loaded.sample_rate != AUDIO_SAMPLE_RATE:
-        waveform = torchaudio.functional.resample(waveform, loaded.sample_rate, AUDIO_SAMPLE_RATE)
+    resampled = _Resampled(waveform, loaded.sample_rate)
     # ImageBind computes the duration as a float and the clip bounds as Fractions: mirror it
     # so that sample boundaries match exactly.
-    duration = waveform.shape[1] / AUDIO_SAMPLE_RATE
+    duration = resampled.length / AUDIO_SAMPLE_RATE
     specs = [
-        _log_mel(
-            waveform[:, int(start * AUDIO_SAMPLE_RATE) : int(end * AUDIO_SAMPLE_RATE)],
-            mel_bins,
-            target_frames,
-        )
+        _log_mel(resampled.slice(int(start * AUDIO_SAMPLE_RATE), int(end * AUDIO_SAMPLE_RATE)),
+                 mel_bins, target_frames)
         for start, end in _clip_bounds(duration, AUDIO_CLIP_SECONDS, clips)
     ]
     return torch.stack(specs)
+
+
+class _Resampled:
+    """A (1, T) waveform as it would be resampled to 16 kHz, resampling only the parts asked for.
+
+    The encoder reads three 2 s clips, however long the file: resampling all of a 10-minute
+    file would cost far more than the clips. torchaudio's resampler maps each block of
+    ``orig / gcd`` input samples to ``new / gcd`` output samples with a kernel a few input
+    samples wide, so a slice resampled from a block-aligned stretch with a block or more of
+    context on each side equals (to float rounding) that slice of the whole resampled waveform.
+    """
+
+    def __init__(self, waveform: "torch.Tensor", rate: int):
+        import math
+
+        self.waveform, self.rate = waveform, rate
+        divisor = math.gcd(rate, AUDIO_SAMPLE_RATE)
+        self.block_in, self.block_out = rate // divisor, AUDIO_SAMPLE_RATE // divisor
+        length = waveform.shape[1]
+        self.length = length if rate == AUDIO_SAMPLE_RATE else -(-length * self.block_out // self.block_in)
+        # Context on each side, in blocks: the kernel spans about 6 input samples per output
+        # sample at the lower rate (torchaudio's lowpass_filter_width=6, rolloff 0.99).
+        self.context = 2 + math.ceil(6 * self.block_in / (min(self.block_in, self.block_out) * 0.99) / self.block_in)
+
+    def slice(self, start: int, end: int) -> "torch.Tensor":
+        """Output samples ``[start, end)`` at 16 kHz, (1, n)."""
+        import torchaudio
+
+        if self.rate == AUDIO_SAMPLE_RATE:
+            return self.waveform[:, start:end]
+        end = min(end, self.length)
+        if end <= start:
+            return self.waveform[:, :0]
+        first = max(0, start // self.block_out - self.context)  # in blocks
+        last = -(-end // self.block_out) + self.context
+        piece = self.waveform[:, first * self.block_in:last * self.block_in]
+        out = torchaudio.functional.resample(piece, self.rate, AUDIO_SAMPLE_RATE)
+        offset = first * self.block_out
+        return out[:, start - offset:end - offset]
 
 
 def _log_mel(clip: "torch.Tensor", mel_bins: int, target_frames: int) -> "torch.Tensor":
