@@ -6,6 +6,7 @@
     anygpt eval --model runs/stage2_decoding/model --data captions_val.jsonl
     anygpt world build --out runs/miniature [--quick]
     anygpt convert nextgpt pytorch_model.pt --base-llm vicuna-7b-v0/ --out nextgpt-7b/
+    anygpt plan --preset nextgpt-7b --gpu-memory 12GB
 
 Exit codes: 0 success; 1 an internal error (a bug: one line says where to report it, and
 ``--debug`` or ``ANYGPT_DEBUG=1`` prints its traceback); 2 an :class:`~anygpt.errors.AnyGPTError`
@@ -149,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="NExT-GPT's saved added_tokens.json, giving its tokens' ids (default: the one next to "
                          "the checkpoint or in its parent folder, else NExT-GPT's published ids)")
 
+    pl = add("plan", help="plan where each component lives for a GPU memory budget",
+             description="Print each component's weights and estimated working memory, where it lives "
+                         "(on the GPU, moved in while it runs, or split with the CPU) and the expected "
+                         "peak, for the cheapest plan that fits. `nextgpt-7b` is sized from its public "
+                         "architectures on the meta device (no download); other models are loaded. "
+                         "`generate` and `app` apply the same plan with --gpu-memory.")
+    pl.add_argument("--preset", "--model", dest="model", default="nextgpt-7b",
+                    help="preset name, model directory or config .yaml (default: nextgpt-7b)")
+    pl.add_argument("--gpu-memory", required=True, metavar="SIZE", help="the budget, e.g. 24GB, 12GB, 11000MB")
+
     pre = add("presets", help="list the shipped presets and their components")
     pre.add_argument("--show", metavar="NAME", help="print one preset's YAML")
     return parser
@@ -160,6 +171,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="fit the model into this much GPU memory (e.g. 12GB): see `anygpt plan`")
 
 
 def _add_media_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +213,8 @@ def _load_pipeline(args: argparse.Namespace, progress: bool = True):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    pipe = AnyGPTPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    pipe = AnyGPTPipeline.from_pretrained(args.model, device=device, dtype=dtype,
+                                          memory=getattr(args, "gpu_memory", None))
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
 
@@ -344,6 +358,23 @@ def _convert(args: argparse.Namespace) -> int:
                           lora_r=args.lora_r, allow_unexpected=args.allow_unexpected, added_tokens=args.added_tokens)
     print(f"wrote {out}  (try: anygpt app --model {out})")
     return 0
+
+
+@_command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from anygpt import memory
+
+    budget = memory.parse_memory(args.gpu_memory)
+    if args.model == "nextgpt-7b":
+        components = memory.preset_components(args.model)
+    else:
+        from anygpt.pipeline import AnyGPTPipeline
+
+        components = memory.pipeline_components(AnyGPTPipeline.from_pretrained(args.model))
+    plan = memory.plan_memory(components, budget)
+    print(f"{args.model}:")
+    print(plan.format())
+    return 0 if plan.fits else 2
 
 
 @_command("presets")

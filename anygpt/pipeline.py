@@ -45,17 +45,25 @@ class AnyGPTPipeline:
         self.base_dir = base_dir
         self._decoders: dict[str, Any] = {}
         self.progress = True
+        self.memory_plan = None  # the anygpt.memory plan applied by from_pretrained(memory=...)
 
     # Construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "AnyGPTPipeline":
+                        dtype: torch.dtype | None = None, memory: str | int | None = None) -> "AnyGPTPipeline":
         """Load a preset (``tiny``, ``mini``, ``nextgpt-7b``), a directory written by
         :meth:`save_pretrained`, or a YAML config file.
+
+        Args:
+            memory: a GPU memory budget (``"24GB"``, ``"12GB"``): the components are placed by
+                the cheapest :func:`~anygpt.memory.plan_memory` plan that fits it (decoders
+                offloaded to the CPU between uses, the LLM split by layers…), on ``device``
+                (default ``cuda``). Needs a CUDA device.
 
         Raises:
             UnknownNameError: ``name_or_path`` is neither a preset nor an existing path.
             WeightsNotFoundError: a component's weights cannot be found.
+            ConfigError: ``memory`` without a CUDA device, or a budget no plan fits.
         """
         from anygpt.checkpoint import load_weights
 
@@ -63,9 +71,27 @@ class AnyGPTPipeline:
         model = AnyGPTModel.from_config(config, base_dir=base_dir)
         load_weights(model, base_dir)
         pipe = cls(model, base_dir=base_dir)
-        if device is not None or dtype is not None:
+        if memory is not None:
+            pipe._apply_memory_plan(memory, device, dtype)
+        elif device is not None or dtype is not None:
             pipe.to(device, dtype)
         return pipe
+
+    def _apply_memory_plan(self, memory: str | int, device: str | torch.device | None,
+                           dtype: torch.dtype | None) -> None:
+        from anygpt import memory as memory_plans
+
+        device = torch.device(device or "cuda")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ConfigError(f"memory={memory!r} plans GPU memory, but the device is {device} and CUDA is "
+                              f"{'available' if torch.cuda.is_available() else 'not available'}; drop the "
+                              f"memory budget (--gpu-memory) or run on a CUDA device")
+        self.to(None, dtype or torch.float16)
+        plan = memory_plans.plan_memory(memory_plans.pipeline_components(self), memory)
+        if not plan.fits:
+            raise ConfigError(f"no memory plan fits {memory!r}:\n{plan.format()}")
+        memory_plans.apply_plan(self, plan, device)
+        self.memory_plan = plan
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write a self-contained model directory that :meth:`from_pretrained` reloads exactly."""
