@@ -25,12 +25,11 @@ public offload API.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from anygpt.errors import ConfigError
 
@@ -403,7 +402,7 @@ def preset_components(name: str = "nextgpt-7b") -> list[ComponentMemory]:
     for modality in preset.output_modalities:
         decoder = preset.modalities[modality].decoder
         specs = load_architecture(architecture_for(decoder.pretrained))["components"]
-        with _meta():
+        with realsize.on_meta():
             parts = {part: build_component(spec) for part, spec in specs.items()
                      if part not in ("tokenizer", "scheduler", "safety_checker", "feature_extractor")}
         decoders[modality] = ({k: v for k, v in parts.items() if hasattr(v, "parameters")},
@@ -411,14 +410,6 @@ def preset_components(name: str = "nextgpt-7b") -> list[ComponentMemory]:
     context = int(getattr(model.lm.model.config, "max_position_embeddings", 2048))
     return _components(model.encoder, model.lm.model, _projector_modules(model), decoders,
                        torch_dtype(preset.llm.dtype, "llm.dtype"), context)
-
-
-@contextlib.contextmanager
-def _meta() -> Iterator[None]:
-    import torch
-
-    with torch.device("meta"):
-        yield
 
 
 # --------------------------------------------------------------------------------------------

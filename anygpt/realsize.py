@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from anygpt.model import AnyGPTModel
 
 __all__ = ["PRESET", "LLM_ARCHITECTURE", "ParameterRow", "full_size_config", "real_width_config",
-           "vicuna_tokenizer", "meta_model", "decoder_parameters", "parameter_table", "format_parameter_table"]
+           "vicuna_tokenizer", "on_meta", "meta_model", "decoder_parameters", "parameter_table", "format_parameter_table"]
 
 #: The preset whose real sizes these are.
 PRESET = "nextgpt-7b"
@@ -134,9 +134,21 @@ def real_width_config(tokenizer: str | Path) -> AnyGPTConfig:
 # Building on the meta device
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _on_meta() -> Iterator[None]:
+def on_meta() -> Iterator[None]:
+    """``torch.device("meta")`` as the default device, for building modules without memory.
+
+    Modules that transformers imports lazily while a model is built can make tensors when they
+    are imported (torchaudio's Kaldi features keep an ``EPSILON`` tensor, reached through
+    ``transformers.audio_utils``); made under the meta device, such a tensor would stay on it for
+    the rest of the process and break audio preprocessing. They are imported first.
+    """
+    import importlib
+    import importlib.util
+
     import torch
 
+    if importlib.util.find_spec("torchaudio") is not None:
+        importlib.import_module("torchaudio.compliance.kaldi")
     with torch.device("meta"):
         yield
 
@@ -155,7 +167,7 @@ def meta_model(config: AnyGPTConfig) -> AnyGPTModel:
 
     with init_empty_weights():
         encoder = build_encoder(config.encoder)
-    with _on_meta():
+    with on_meta():
         return AnyGPTModel.from_config(config, encoder=encoder)
 
 
@@ -172,7 +184,7 @@ def decoder_parameters(architecture: str, skip: tuple[str, ...] = ()) -> dict[st
     for name, spec in load_architecture(architecture)["components"].items():
         if name in skip or name in ("tokenizer", "scheduler"):
             continue
-        with _on_meta():
+        with on_meta():
             part = build_component(spec)
         if isinstance(part, nn.Module):
             counts[name] = _count(part)
@@ -184,7 +196,7 @@ def _lora_parameters(model: AnyGPTModel) -> int:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=NEXTGPT_LORA_R, lora_alpha=NEXTGPT_LORA_ALPHA, target_modules=list(LORA_TARGETS))
-    with _on_meta(), warnings.catch_warnings():
+    with on_meta(), warnings.catch_warnings():
         # PEFT still calls transformers' deprecated is_gradient_checkpointing; nothing to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         peft_model = get_peft_model(model.lm.model, config)
