@@ -24,6 +24,7 @@ from anygpt.options import option, options_of, validate_options
 __all__ = [
     "EncoderConfig",
     "LLMConfig",
+    "QuantizationConfig",
     "InputProjectorConfig",
     "OutputProjectorConfig",
     "DecodeOptions",
@@ -87,6 +88,33 @@ class EncoderConfig:
                "set either `pretrained` (e.g. imagebind_huge) or `arch` (random init)")
 
 
+QUANTIZATION_BACKENDS = ("torchao",)
+
+
+@dataclass
+class QuantizationConfig:
+    """Weight-only quantization of the LLM's linear layers, applied once its weights (and LoRA)
+    are loaded.
+
+    Attributes:
+        bits: 8 (int8 weights, per-channel scales) or 4 (int4 weights in groups).
+        backend: the library that quantizes: ``torchao`` (its int8 and int4 run on CPU and
+            CUDA; install it with ``pip install torchao``).
+        group_size: weights that share one scale, for 4 bits.
+    """
+
+    bits: int = 8
+    backend: str = "torchao"
+    group_size: int = 128
+
+    def validate(self, path: str = "llm.quantization") -> None:
+        require(self.bits in (4, 8), f"{path}.bits", f"must be 8 or 4, got {self.bits!r}")
+        require(self.backend in QUANTIZATION_BACKENDS, f"{path}.backend",
+                f"must be one of {', '.join(QUANTIZATION_BACKENDS)}, got {self.backend!r}")
+        require(self.group_size in (32, 64, 128, 256), f"{path}.group_size",
+                f"must be 32, 64, 128 or 256, got {self.group_size!r}")
+
+
 @dataclass
 class LLMConfig:
     """The language model: any Hugging Face causal LM.
@@ -107,6 +135,8 @@ class LLMConfig:
         media_begin / media_end: tokens that wrap each input media item (NExT-GPT: <Img>, </Img>).
         max_context: context window in tokens; default: the model's ``max_position_embeddings``.
         seed: seed for random initialisation and for new token embedding rows.
+        quantization: quantize the LLM's weights once loaded (:class:`QuantizationConfig`);
+            None keeps them in ``dtype``.
     """
 
     pretrained: Optional[str] = None
@@ -121,6 +151,7 @@ class LLMConfig:
     media_end: str = "</Img>"
     max_context: Optional[int] = None
     seed: int = 0
+    quantization: Optional[QuantizationConfig] = None
 
     def validate(self, path: str = "llm") -> None:
         require(self.pretrained is not None or self.arch is not None or self.local_package is not None,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
-from anygpt.config import LLMConfig
+from anygpt.config import LLMConfig, QuantizationConfig
 from anygpt.dtypes import torch_dtype
 from anygpt.errors import ConfigError, ContextLengthError, WeightsNotFoundError
 from anygpt.weightfiles import check_dims, check_folder, is_size_mismatch, read_json_config, shape_mismatch
@@ -606,6 +606,36 @@ def _load_model(config: LLMConfig, tokenizer: "PreTrainedTokenizerBase", base_di
 
 _LLM_FIX = ("re-download or re-save the LLM folder (save_pretrained), or re-convert it, or check llm.pretrained "
             "in the config that names it")
+
+
+def quantize_llm(model: "PreTrainedModel", config: QuantizationConfig) -> "PreTrainedModel":
+    """Quantize ``model``'s linear layers' weights in place, weight-only, as ``config`` says.
+
+    The embeddings and the output head stay as they are: AnyGPT's signal and media rows live
+    there, and the output projectors read the last hidden state, not the logits.
+
+    Raises:
+        ConfigError: the backend is not installed, or cannot quantize on this device.
+    """
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ConfigError(f"llm.quantization.backend: torchao is not installed ({exc}); "
+                          f"`pip install torchao`, or remove llm.quantization") from None
+    head = model.get_output_embeddings()
+
+    def is_quantized(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module is not head
+
+    method = Int8WeightOnlyConfig() if config.bits == 8 else Int4WeightOnlyConfig(group_size=config.group_size)
+    try:
+        quantize_(model, method, filter_fn=is_quantized)
+    except (RuntimeError, NotImplementedError, ImportError) as exc:  # int4 kernels are per device
+        device = next(model.parameters()).device
+        raise ConfigError(f"llm.quantization: torchao cannot quantize to {config.bits} bits on {device} "
+                          f"({type(exc).__name__}: {exc}); 8 bits works on CPU and CUDA") from exc
+    logger.info("LLM quantized to %d-bit weights with torchao", config.bits)
+    return model
 
 
 def hf_config_for_arch(model_type: str, arch: dict) -> "PretrainedConfig":

@@ -70,6 +70,12 @@ class AnyGPTPipeline:
         config, base_dir = resolve_config(name_or_path)
         model = AnyGPTModel.from_config(config, base_dir=base_dir)
         load_weights(model, base_dir)
+        if config.llm.quantization is not None:
+            from anygpt.llm import quantize_llm
+
+            # After the LoRA factors are merged and the signal rows loaded: what is quantized is
+            # the final weights.
+            quantize_llm(model.lm.model, config.llm.quantization)
         pipe = cls(model, base_dir=base_dir)
         if memory is not None:
             pipe._apply_memory_plan(memory, device, dtype)

@@ -41,7 +41,7 @@ def test_clips_equal_those_of_the_whole_waveform_resampled(rate, seconds):
     torch.testing.assert_close(audio_to_encoder_input(audio), _whole_file_reference(audio), atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("rate", [44100, 48000, 22050, 16001])
+@pytest.mark.parametrize("rate", [44100, 48000, 22050, 32000])
 def test_any_slice_equals_that_slice_of_the_whole(rate):
     import torchaudio
 
