@@ -201,17 +201,26 @@ class LoopConfig:
         batch_size: examples per process per micro-batch.
         grad_accum: micro-batches per optimizer step.
         mixed_precision: ``no``, ``fp16`` (CUDA only) or ``bf16``.
+        frozen_prefix: when the LLM is frozen (no LoRA, no input projectors training), run each
+            example's prefix before its first trainable token (stage 2: the prompt and caption
+            before the signal run) without autograd, and backpropagate only through the rest;
+            the loss and gradients are unchanged. Off: the full pass every step.
+        prefix_cache_mb: memory bound (MiB, on the training device) of the per-example cache of
+            those prefixes' keys / values, reused in later epochs; 0 recomputes them each step.
     """
 
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
     mixed_precision: str = "no"
+    frozen_prefix: bool = True
+    prefix_cache_mb: float = 1024.0
 
     def validate(self, path: str) -> None:
         require(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
         require(self.batch_size > 0, f"{path}.batch_size", "must be > 0")
         require(self.grad_accum > 0, f"{path}.grad_accum", "must be > 0")
+        require(self.prefix_cache_mb >= 0, f"{path}.prefix_cache_mb", "must be >= 0")
         require(self.mixed_precision in MIXED_PRECISION, f"{path}.mixed_precision",
                f"must be one of {', '.join(MIXED_PRECISION)}")
 

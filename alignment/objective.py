@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anygpt.alignment.config import LossConfig
+from anygpt.alignment.frozen_prefix import FrozenPrefix
 from anygpt.alignment.targets import TargetCache
 from anygpt.modalities import get_modality
 
@@ -142,17 +143,24 @@ class AlignmentObjective(nn.Module):
         media: denoising targets by modality and caption (needed when ``losses.denoising > 0``).
         extra: trainable modules that act on the model through hooks (the signal-row offsets);
             registered here so that DDP / DeepSpeed see their parameters.
+        frozen_prefix: in training, run each row's frozen prefix (the positions before its
+            first trainable input, e.g. the first signal token) without autograd, and only the
+            rest with it (:mod:`alignment.frozen_prefix`); same loss and gradients.
+        prefix_cache_mb: bound of the per-example cache of those prefixes (0: recompute them
+            every step, still without autograd).
 
     When only the output projectors train (the LLM, its signal rows, LoRA and the input
     projectors all frozen) and the LM loss is off, the signal states of an example never change.
     In training mode they are then computed once per distinct example (token ids and media) and
     kept: later epochs run the projectors alone, which is what makes many epochs of an
-    output-projector fit affordable. Evaluation always runs the whole model.
+    output-projector fit affordable. Otherwise, when the LLM is frozen but the signal rows train
+    (stage 2), the frozen-prefix pass above applies. Evaluation always runs the whole model.
     """
 
     def __init__(self, model: "AnyGPTModel", losses: LossConfig, targets: ConditionTargets | None = None,
                  decoders: Mapping[str, Any] | None = None, media: MediaTargets | None = None,
-                 extra: nn.ModuleDict | None = None):
+                 extra: nn.ModuleDict | None = None, frozen_prefix: bool = True,
+                 prefix_cache_mb: float = 1024.0):
         super().__init__()
         self.model = model
         self.extra = extra if extra is not None else nn.ModuleDict()
@@ -162,6 +170,8 @@ class AlignmentObjective(nn.Module):
         self.media = media
         # example key -> (modality, caption, run states (S, H)), or None without a captioned run
         self._states: dict[tuple, tuple[str, str, torch.Tensor] | None] = {}
+        # not a submodule: it only holds references to the model and the prefix cache
+        self.prefix = FrozenPrefix(model, self.extra, int(prefix_cache_mb * 2**20)) if frozen_prefix else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 media_mask: torch.Tensor, media: Sequence[tuple[str, torch.Tensor]] = (),
@@ -175,8 +185,14 @@ class AlignmentObjective(nn.Module):
         if self.training and self.losses.lm == 0 and self._only_output_projectors_train():
             return self._forward_memoized(input_ids, attention_mask, media_mask, media, captions,
                                           output_modalities, noise_seed)
-        out = self.model(input_ids, attention_mask=attention_mask, media_mask=media_mask, media=media,
-                         labels=labels)
+        out = None
+        if self.training and self.prefix is not None:
+            out = self.prefix.forward(input_ids, attention_mask, media_mask, media,
+                                      labels if self.losses.lm > 0 else None,
+                                      lambda: _row_media(media_mask, media, self.model.num_media_tokens()))
+        if out is None:  # the full pass (evaluation, or the split does not apply)
+            out = self.model(input_ids, attention_mask=attention_mask, media_mask=media_mask, media=media,
+                             labels=labels)
         metrics: dict[str, torch.Tensor] = {}
         total = out.hidden_states.new_zeros((), dtype=torch.float32)
         if self.losses.lm > 0 and out.loss is not None:

@@ -88,6 +88,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     trainable = configure_trainable(model, config.trainable, seed=config.seed)
     data = build_data(config, model)
     objective = AlignmentObjective(model, config.loss, extra=trainable.modules,
+                                   frozen_prefix=config.train.frozen_prefix,
+                                   prefix_cache_mb=config.train.prefix_cache_mb,
                                    **_output_side(config, pipe, data, accelerator))
     optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config)

@@ -11,6 +11,8 @@
 
     python benchmarks/bench_train.py                  # tiny (and mini if installed)
     python benchmarks/bench_train.py --presets tiny --steps 40 --json out.json
+    python benchmarks/bench_train.py --presets mini --stages 2 --frozen-prefix both   # stage 2's
+        # frozen-prefix pass (train.frozen_prefix) off versus on, on the same batches
 """
 
 from __future__ import annotations
@@ -34,17 +36,22 @@ STAGES = {1: "stage1_encoding", 2: "stage2_decoding", 3: "stage3_instruction"}
 
 
 def stage_throughput(preset: str, stage: int, data: dict[str, Path], steps: int, batch_size: int,
-                     workdir: Path) -> dict:
-    """Train ``steps`` steps of one stage; samples/s over the steps after the first log interval."""
+                     workdir: Path, frozen_prefix: bool = True, prefix_cache_mb: float | None = None) -> dict:
+    """Train ``steps`` steps of one stage; samples/s over the steps after the first log interval.
+    ``frozen_prefix`` sets ``train.frozen_prefix``, ``prefix_cache_mb`` (if given)
+    ``train.prefix_cache_mb``; the seed, hence the batches, stay the same."""
     from anygpt.alignment.config import CONFIG_DIR, load_train_config
     from anygpt.alignment.recipe import train
 
     kind = "captions" if stage < 3 else "dialogues"
     every = max(1, steps // 4)
-    overrides = [f"model={preset}", f"output_dir={workdir / f'{preset}-stage{stage}'}",
+    tag = "" if frozen_prefix else "-full"
+    overrides = [f"model={preset}", f"output_dir={workdir / f'{preset}-stage{stage}{tag}'}",
                  f"data.train={data[kind + '_train']}", "data.val=null", f"train.max_steps={steps}",
                  f"train.batch_size={batch_size}", "eval.every=0", "checkpoint.every=0", f"log.every={every}",
-                 "log.progress_bar=false", "log.trackers=[csv]"]
+                 "log.progress_bar=false", "log.trackers=[csv]", f"train.frozen_prefix={str(frozen_prefix).lower()}"]
+    if prefix_cache_mb is not None:
+        overrides.append(f"train.prefix_cache_mb={prefix_cache_mb}")
     if stage == 3:
         overrides.append(f"data.decoding_train={data['captions_train']}")
     config = load_train_config(CONFIG_DIR / f"{STAGES[stage]}.yaml", overrides)
@@ -53,7 +60,8 @@ def stage_throughput(preset: str, stage: int, data: dict[str, Path], steps: int,
     total = time.perf_counter() - start
     rates = _logged(Path(config.output_dir) / "logs" / "metrics.csv", "train/steps_per_s")[1:]
     steps_per_s = statistics.mean(rates) if rates else float("nan")
-    return {"preset": preset, "stage": stage, "steps": steps, "batch_size": batch_size,
+    return {"preset": preset, "stage": stage, "frozen_prefix": frozen_prefix, "prefix_cache_mb": prefix_cache_mb,
+            "steps": steps, "batch_size": batch_size,
             "samples_per_s": steps_per_s * batch_size, "steps_per_s": steps_per_s, "wall_s_with_setup": total}
 
 
@@ -129,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps per stage (default: 20)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--stages", default="1,2,3", help="comma-separated stages (default: 1,2,3)")
+    parser.add_argument("--frozen-prefix", choices=("on", "off", "both"), default="on",
+                        help="train.frozen_prefix for the runs; `both` runs each stage off, then on")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None,
+                        help="train.prefix_cache_mb for the runs (0: recompute prefixes each step)")
+    parser.add_argument("--no-cache-bench", action="store_true", help="skip the target-cache comparison")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -143,15 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data = make_synthetic_dataset(workdir / "data", num_train=48, num_val=8, seed=0)
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.frozen_prefix]
         for preset in presets:
-            for stage in STAGES:
-                row = stage_throughput(preset, stage, data, args.steps, args.batch_size, workdir)
-                results["throughput"].append(row)
-                print(f"{preset:5} stage {stage}: {row['samples_per_s']:7.1f} samples/s "
-                      f"({row['steps_per_s']:.2f} steps/s, batch {row['batch_size']}; "
-                      f"{row['wall_s_with_setup']:.1f} s with setup)", flush=True)
-        captions = [s.caption for s in read_manifest(data["captions_train"])]
-        for row in cache_speedup(captions, args.batch_size, workdir):
+            for stage in (int(s) for s in args.stages.split(",")):
+                for frozen_prefix in modes:
+                    row = stage_throughput(preset, stage, data, args.steps, args.batch_size, workdir, frozen_prefix,
+                                           args.prefix_cache_mb)
+                    results["throughput"].append(row)
+                    cache = "" if args.prefix_cache_mb is None or not frozen_prefix \
+                        else f", cache {args.prefix_cache_mb} MiB"
+                    print(f"{preset:5} stage {stage} (frozen prefix {'on' if frozen_prefix else 'off'}{cache}): "
+                          f"{row['samples_per_s']:7.1f} samples/s ({row['steps_per_s']:.2f} steps/s, batch "
+                          f"{row['batch_size']}; {row['wall_s_with_setup']:.1f} s with setup)", flush=True)
+        if args.no_cache_bench:
+            captions = []
+        else:
+            captions = [s.caption for s in read_manifest(data["captions_train"])]
+        for row in cache_speedup(captions, args.batch_size, workdir) if captions else []:
             results["target_cache"].append(row)
             print(f"targets, {row['text_encoder']:35}: encode {row['encode_ms']:8.2f} ms, cache "
                   f"{row['cache_ms']:6.2f} ms per batch of {row['batch']} -> {row['speedup']:6.1f}x", flush=True)
