@@ -70,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.preset}: {args.turns} turns after {args.history} scripted exchanges, greedy, "
           f"{args.threads} threads")
-    print(f"{'turn':>4} {'prompt':>7} {'reused':>7} {'prefill kept':>13} {'prefill full':>13} {'same answer':>12}")
+    print(f"{'turn':>4} {'prompt':>7} {'reused':>7} {'prefill kept':>13} {'prefill full':>13} {'turn kept':>10} "
+          f"{'turn full':>10} {'same answer':>12}")
     for a, b in zip(cached, fresh):
         print(f"{a['turn']:>4} {a['prompt_tokens']:>7} {a['cached_tokens']:>7} {a['prefill_s']:>12.3f}s "
-              f"{b['prefill_s']:>12.3f}s {str(a['answer'] == b['answer']):>12}")
+              f"{b['prefill_s']:>12.3f}s {a['turn_s']:>9.3f}s {b['turn_s']:>9.3f}s "
+              f"{str(a['answer'] == b['answer']):>12}")
+    if len(cached) > 1:
+        for name, rows in (("kept", cached), ("full", fresh)):
+            print(f"last turn / first turn ({name}): prefill {rows[-1]['prefill_s'] / rows[0]['prefill_s']:.2f}x, "
+                  f"whole turn {rows[-1]['turn_s'] / rows[0]['turn_s']:.2f}x (answers differ in length)")
     same = all(a["answer"] == b["answer"] for a, b in zip(cached, fresh))
     kept, full = sum(r["prefill_s"] for r in cached), sum(r["prefill_s"] for r in fresh)
     print(f"total prefill: {kept:.3f} s kept vs {full:.3f} s full ({full / max(kept, 1e-9):.2f}x); "
