@@ -12,7 +12,7 @@ from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, preset_file
 from anygpt.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
-                                reason="torchao is not installed (`pip install torchao`; `make test` installs it)")
+                                reason="torchao is not installed (`pip install -e '.[quant]'`; CI installs it)")
 
 
 def _quantized_copy(tmp_path: Path, name: str, quantization: dict) -> Path:
