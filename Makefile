@@ -30,7 +30,8 @@ miniature: install
 	$(OFFLINE_ENV) $(BIN)/anygpt world build --out runs/miniature
 
 test: install
-	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	# One single-threaded worker per core, at most 4 (each holds its own tiny and mini models).
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4
 
 bench: install
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_generate.py
