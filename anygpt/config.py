@@ -336,17 +336,19 @@ class GenerationConfig:
     """LLM generation settings: a preset's defaults, each overridable per call.
 
     Like :class:`DecodeOptions`, the one declaration the pipeline, CLI and app derive from.
-    ``temperature`` must be finite and > 0: greedy decoding is ``do_sample: false``
-    (``--greedy``), not a temperature of 0. Every float must be finite.
+    ``temperature`` must be at least 0.01: greedy decoding is ``do_sample: false``
+    (``--greedy``), not a temperature of 0, and dividing logits by less overflows float32 (the
+    probabilities become NaN). ``repetition_penalty`` is bounded below for the same reason.
+    Every float must be finite.
     """
 
     max_new_tokens: int = option(256, "most tokens the LLM writes", minimum=1, ui=(1, 1024, 1))
     do_sample: bool = option(True, "sample (false: greedy decoding)", false_flag="--greedy")
-    temperature: float = option(0.7, "sampling temperature (greedy: do_sample false)", above=0,
+    temperature: float = option(0.7, "sampling temperature (greedy: do_sample false)", minimum=0.01,
                                 ui=(0.05, 2.0, 0.05))
     top_p: float = option(0.9, "nucleus sampling mass", above=0, maximum=1, ui=(0.05, 1.0, 0.05))
     top_k: int = option(0, "sample among the k most likely tokens (0: all)", minimum=0)
-    repetition_penalty: float = option(1.0, "penalty for repeating tokens (1: none)", above=0)
+    repetition_penalty: float = option(1.0, "penalty for repeating tokens (1: none)", minimum=0.01)
     stop_strings: list = field(default_factory=list)
 
     def validate(self, path: str = "generation") -> None:
