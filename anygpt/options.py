@@ -40,7 +40,7 @@ class Option:
         default: the field's default.
         help: one line for ``--help`` and the app's label.
         minimum, maximum: inclusive bounds (None: unbounded).
-        above: an exclusive lower bound (``temperature > 0``).
+        above: an exclusive lower bound (``top_p > 0``).
         multiple_of: the value must be a multiple of this (``height``: 8).
         finite: a float option refuses ``nan`` and ``±inf`` (default True).
         together: the name of an option that a call's settings must give whenever they give this
