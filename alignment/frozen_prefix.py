@@ -19,7 +19,6 @@ LM head alone would miss; no prefix at all); the caller then runs the full pass.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from anygpt.generation import cache_argument
 
 if TYPE_CHECKING:
     from anygpt.model import AnyGPTModel
@@ -262,7 +263,7 @@ class FrozenPrefix:
         rows = torch.arange(batch, device=device)[:, None]
         out = llm(inputs_embeds=embeds[rows, where], attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(),
                   position_ids=prefix[:, None] + steps[None], use_cache=True, output_hidden_states=True,
-                  **{_cache_argument(llm): cache})
+                  **{cache_argument(): cache})
         return out.hidden_states[-1], out.logits
 
     def _assemble(self, suffix: torch.Tensor, prefix: torch.Tensor, lengths: torch.Tensor,
@@ -332,12 +333,6 @@ def _padded(tensors: list[torch.Tensor | None], width: int, dim: int) -> torch.T
         pad = [0, 0] * (like.dim() - 1 - dim) + [0, width - tensor.shape[dim]]
         out.append(F.pad(tensor, pad))
     return torch.stack(out)
-
-
-def _cache_argument(llm: nn.Module) -> str:
-    """The name under which ``llm.forward`` takes a KV cache: ``cache`` in newer transformers 5
-    releases (``past_key_values`` deprecated there), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
 def _has_active_dropout(module: nn.Module) -> bool:

@@ -26,7 +26,8 @@ from anygpt.config import SamplingSettings
 from anygpt.llm import LanguageModel
 from anygpt.seeding import fresh_seed
 
-__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "PromptCache", "generate_stream", "generate"]
+__all__ = ["SamplingSettings", "SignalRun", "LLMResult", "PromptCache", "generate_stream", "generate",
+           "cache_argument"]
 
 
 @dataclass
@@ -269,7 +270,7 @@ def generate_stream(
                 if tail:
                     _add_text(result, tail)
                     yield tail
-            out = model(input_ids=torch.tensor([[token]], device=device), **{_cache_argument(): cache},
+            out = model(input_ids=torch.tensor([[token]], device=device), **{cache_argument(): cache},
                         use_cache=True, output_hidden_states=in_run)
             cache, logits = _cache_of(out), out.logits[:, -1, :].float()
             if in_run:
@@ -299,7 +300,7 @@ def _prefill(model: torch.nn.Module, inputs_embeds: torch.Tensor, keys: Sequence
         start = min(_common_prefix(reuse.keys, keys), len(keys) - 1)
         if start > 0:
             reuse.cache.crop(start - reuse.cache.get_seq_length())  # a negative count: drop the tail
-            past = {_cache_argument(): reuse.cache}
+            past = {cache_argument(): reuse.cache}
         else:
             start = 0
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -364,7 +365,9 @@ def _pick(scores: torch.Tensor, do_sample: bool, gen: torch.Generator) -> int:
 
 
 @functools.cache
-def _cache_argument() -> str:
+def cache_argument() -> str:
+    """The keyword a transformers causal LM takes its KV cache by: ``cache``, or
+    ``past_key_values`` in releases that know only that name."""
     # transformers renamed the KV cache from `past_key_values` to `cache` (the old name warns on
     # every call and is to be removed); older 5.x releases know only the old name.
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -373,7 +376,7 @@ def _cache_argument() -> str:
 
 
 def _cache_of(output) -> object:
-    return getattr(output, _cache_argument())
+    return getattr(output, cache_argument())
 
 
 def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequence[str], cache, device,
@@ -394,7 +397,7 @@ def _append_missing_runs(lm: LanguageModel, result: LLMResult, required: Sequenc
         if modality in present:
             continue
         run_ids = lm.signal_ids[modality]
-        out = lm.model(input_ids=torch.tensor([run_ids], device=device), **{_cache_argument(): cache},
+        out = lm.model(input_ids=torch.tensor([run_ids], device=device), **{cache_argument(): cache},
                        use_cache=True, output_hidden_states=True)
         cache = _cache_of(out)
         run = SignalRun(modality, len(result.token_ids), out.hidden_states[-1][0], forced=True)

@@ -254,25 +254,19 @@ def _dtype_size(dtype: "torch.dtype") -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _bytes(module: "nn.Module", dtype: "torch.dtype | None") -> int:
-    """Weights bytes of ``module`` with its floating-point tensors in ``dtype`` (None: as they are)."""
+def _bytes(module: "nn.Module", dtype: "torch.dtype | None", recurse: bool = True) -> int:
+    """Weights bytes of ``module`` with its floating-point tensors in ``dtype`` (None: as they
+    are); ``recurse=False``: its own tensors only, not its submodules'."""
     total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
         size = _dtype_size(dtype) if dtype is not None and tensor.is_floating_point() else tensor.element_size()
         total += tensor.numel() * size
     return total
 
 
 def _largest_layer(module: "nn.Module", dtype: "torch.dtype | None") -> int:
-    import torch
-
-    largest = 0
-    for sub in module.modules():
-        direct = torch.nn.Module()
-        for name, param in sub.named_parameters(recurse=False):
-            direct.register_parameter(name.replace(".", "_"), param)
-        largest = max(largest, _bytes(direct, dtype))
-    return largest
+    """Bytes of the module (``module`` or within it) with the most weights of its own."""
+    return max(_bytes(sub, dtype, recurse=False) for sub in module.modules())
 
 
 def _llm_memory(model: "nn.Module", dtype: "torch.dtype", context: int) -> ComponentMemory:

@@ -32,12 +32,13 @@ from anygpt.encoders import IMAGEBIND_HUGE_ARCH
 from anygpt.nextgpt import LORA_TARGETS, NEXTGPT_LORA_ALPHA, NEXTGPT_LORA_R
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from anygpt.model import AnyGPTModel
 
 __all__ = ["PRESET", "LLM_ARCHITECTURE", "ParameterRow", "full_size_config", "real_width_config",
-           "vicuna_tokenizer", "on_meta", "meta_model", "decoder_parameters", "parameter_table", "format_parameter_table"]
+           "vicuna_tokenizer", "on_device", "on_meta", "meta_model", "decoder_parameters", "parameter_table", "format_parameter_table"]
 
 #: The preset whose real sizes these are.
 PRESET = "nextgpt-7b"
@@ -134,13 +135,14 @@ def real_width_config(tokenizer: str | Path) -> AnyGPTConfig:
 # Building on the meta device
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def on_meta() -> Iterator[None]:
-    """``torch.device("meta")`` as the default device, for building modules without memory.
+def on_device(device: "str | torch.device") -> Iterator[None]:
+    """``device`` as torch's default device, for building modules straight onto it.
 
     Modules that transformers imports lazily while a model is built can make tensors when they
     are imported (torchaudio's Kaldi features keep an ``EPSILON`` tensor, reached through
-    ``transformers.audio_utils``); made under the meta device, such a tensor would stay on it for
-    the rest of the process and break audio preprocessing. They are imported first.
+    ``transformers.audio_utils``); made under another default device (the meta device above all),
+    such a tensor would stay there for the rest of the process and break audio preprocessing.
+    They are imported first.
     """
     import importlib
     import importlib.util
@@ -149,8 +151,13 @@ def on_meta() -> Iterator[None]:
 
     if importlib.util.find_spec("torchaudio") is not None:
         importlib.import_module("torchaudio.compliance.kaldi")
-    with torch.device("meta"):
+    with torch.device(device):
         yield
+
+
+def on_meta() -> contextlib.AbstractContextManager[None]:
+    """:func:`on_device` for the meta device: modules built without memory."""
+    return on_device("meta")
 
 
 def meta_model(config: AnyGPTConfig) -> AnyGPTModel:

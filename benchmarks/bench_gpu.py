@@ -306,19 +306,14 @@ def system_config(smoke: bool, sizes: Sizes, folder: Path, dtype: str) -> AnyGPT
 
 @contextlib.contextmanager
 def default_device(device: torch.device | None) -> Iterator[None]:
-    """``device`` as torch's default device (None: leave it). Modules that make tensors when
-    first imported are imported first, as :func:`anygpt.realsize.on_meta` does."""
-    import importlib
-    import importlib.util
-
-    import torch
+    """``device`` as torch's default device (None: leave it), through
+    :func:`anygpt.realsize.on_device`."""
+    from anygpt.realsize import on_device
 
     if device is None:
         yield
         return
-    if importlib.util.find_spec("torchaudio") is not None:
-        importlib.import_module("torchaudio.compliance.kaldi")
-    with torch.device(device):
+    with on_device(device):
         yield
 
 
@@ -519,19 +514,19 @@ class Bench:
         prefill is outside the timed part."""
         from transformers import DynamicCache
 
-        from anygpt.generation import _cache_argument
+        from anygpt.generation import cache_argument
 
         ids = self._prompt(batch)
         steps = self.sizes.decode_tokens
 
         def loop(count: int) -> float:
             cache = DynamicCache(config=self.lm.model.config)
-            out = self._forward(input_ids=ids, **{_cache_argument(): cache})
+            out = self._forward(input_ids=ids, **{cache_argument(): cache})
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             self.meter.sync()
             start = time.perf_counter()
             for _ in range(count):
-                out = self._forward(input_ids=token, **{_cache_argument(): cache})
+                out = self._forward(input_ids=token, **{cache_argument(): cache})
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
             self.meter.sync()
             return time.perf_counter() - start
