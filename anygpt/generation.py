@@ -27,7 +27,7 @@ from anygpt.llm import LanguageModel
 from anygpt.seeding import fresh_seed
 
 __all__ = ["SamplingSettings", "SignalRun", "LLMResult", "PromptCache", "generate_stream", "generate",
-           "cache_argument"]
+           "generate_batch", "cache_argument"]
 
 
 @dataclass
@@ -99,7 +99,8 @@ class _RunTracker:
         self.runs = lm.signal_ids
         self.first = {ids[0]: m for m, ids in self.runs.items()}
         inner = [i for ids in self.runs.values() for i in ids[1:]]
-        self.banned = torch.tensor(inner + [lm.media_begin_id, lm.media_end_id], dtype=torch.long)
+        self.banned = torch.tensor(inner + [lm.media_begin_id, lm.media_end_id], dtype=torch.long,
+                                   device=lm.device)
         self.modality: str | None = None
         self.pos = 0
         self.states: list[torch.Tensor] = []
@@ -110,7 +111,9 @@ class _RunTracker:
         return self.runs[self.modality][self.pos]
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        logits[..., self.banned.to(logits.device)] = float("-inf")
+        if self.banned.device != logits.device:
+            self.banned = self.banned.to(logits.device)
+        logits[..., self.banned] = float("-inf")
         return logits
 
     def observe(self, token: int) -> bool:
@@ -226,64 +229,36 @@ def generate_stream(
         The :class:`LLMResult` (via ``StopIteration.value``; use ``yield from``).
     """
     model, device = lm.model, inputs_embeds.device
-    tracker, procs = _RunTracker(lm), _processors(settings)
-    stops = list(settings.stop_strings) + lm.stop_strings
-    eos = lm.eos_ids
-    gen = torch.Generator(device=device)
-    gen.manual_seed(settings.seed if settings.seed is not None else fresh_seed())
-    result = LLMResult()
-    history = prompt_ids.to(device).tolist()
-    text = _TextStream(lm, stops)
+    answer = _Answer(lm, settings, prompt_ids, settings.seed, device)
+    result = answer.result
+    step, static = model, None
+    if lm.decode_step is not None:  # a fixed-shape step over a static cache: no reuse across turns
+        step, position_keys, reuse = lm.decode_step, None, None
+        static = _static_cache(lm, inputs_embeds.shape[1], settings.max_new_tokens, required)
+    extra: dict[str, Any] = {}
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        cache, logits, result.reused_tokens = _prefill(model, inputs_embeds, position_keys, reuse)
+        cache, logits, result.reused_tokens = _prefill(model, inputs_embeds, position_keys, reuse, static)
+        if static is not None:
+            # The step's position lives on the device and advances there: no copy per token.
+            extra["cache_position"] = torch.tensor([inputs_embeds.shape[1]], device=device)
         result.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ids = result.token_ids
         while True:
-            token = tracker.forced_next()
-            if token is None:
-                if len(ids) >= settings.max_new_tokens:
-                    result.stop_reason = "length"
-                    break
-                token = _pick(procs(torch.tensor([history], device=device), tracker.mask(logits)),
-                              settings.do_sample, gen)
-            ids.append(token)
-            history.append(token)
-            in_run = tracker.observe(token)
-            if not in_run:
-                if token in eos:
-                    ids.pop()
-                    result.stop_reason = "eos"
-                    break
-                delta, stopped = text.push(ids)
-                if delta:
-                    _add_text(result, delta)
-                    yield delta
-                if stopped:
-                    del ids[text.stop_at:]
-                    result.stop_reason = "stop_string"
-                    break
-            elif tracker.pos == 1:  # a run begins: release held-back text, start a new span
-                tail = text.flush(len(ids))
-                if tail:
-                    _add_text(result, tail)
-                    yield tail
-            out = model(input_ids=torch.tensor([[token]], device=device), **{cache_argument(): cache},
-                        use_cache=True, output_hidden_states=in_run)
+            token = answer.next_token(logits)
+            if token is not None:
+                yield from answer.accept(token)
+            if answer.finished:
+                break
+            out = step(input_ids=answer.token_tensor(token), **{cache_argument(): cache}, use_cache=True,
+                       output_hidden_states=answer.in_run, **extra)
             cache, logits = _cache_of(out), out.logits[:, -1, :].float()
-            if in_run:
-                run = tracker.record(out.hidden_states[-1][0, -1], len(ids) - 1)
-                if run is not None:
-                    result.runs.append(run)
-                    result.pieces.append(run)
-                    text.flush(len(ids))
-        if result.stop_reason != "stop_string":
-            tail = text.flush(len(ids))
-            if tail:
-                _add_text(result, tail)
-                yield tail
+            if static is not None:
+                extra["cache_position"] += 1
+            if answer.in_run:
+                answer.record(out.hidden_states[-1][0, -1])
+        yield from answer.finish()
         cache = _append_missing_runs(lm, result, required, cache, device, inputs_embeds.shape[1])
     if position_keys is not None:
         result.cache = _keep(model, cache, tuple(position_keys) + tuple(result.token_ids))
@@ -291,10 +266,254 @@ def generate_stream(
     return result
 
 
+class _Answer:
+    """One answer being decoded: its sampler, signal-run tracker, text stream and result.
+
+    The decoding loops (one answer, or a padded batch of them) ask it for the next token
+    (:meth:`next_token`: a run's forced token, else a sampled one), hand it back
+    (:meth:`accept`, which yields the text that became final) and, for a run token, give it the
+    hidden state the LLM returned for it (:meth:`record`).
+    """
+
+    def __init__(self, lm: LanguageModel, settings: SamplingSettings, prompt_ids: torch.Tensor,
+                 seed: int | None, device: torch.device):
+        self.tracker, self.procs, self.settings = _RunTracker(lm), _processors(settings), settings
+        self.text = _TextStream(lm, list(settings.stop_strings) + lm.stop_strings)
+        self.eos, self.device = lm.eos_ids, device
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed if seed is not None else fresh_seed())
+        self.history = prompt_ids.to(device)[None]  # (1, L + generated): for the repetition penalty
+        self.picked: torch.Tensor | None = None  # (1, 1) the last sampled token, on the device
+        self.result = LLMResult()
+        self.finished = self.in_run = False
+        self.appending = False  # feeding a required run the LLM did not write (batched loop)
+
+    def next_token(self, logits: torch.Tensor) -> int | None:
+        """The token to feed after ``logits`` (1, V); None (and :attr:`finished`) at the length limit."""
+        token = self.tracker.forced_next()
+        self.picked = None
+        if token is not None:
+            return token
+        if len(self.result.token_ids) >= self.settings.max_new_tokens:
+            self.result.stop_reason, self.finished = "length", True
+            return None
+        scores = self.procs(self.history, self.tracker.mask(logits))
+        self.picked = _pick(scores, self.settings.do_sample, self.gen)
+        return int(self.picked)  # the one host sync of a step: the tracker and the text need the id
+
+    def token_tensor(self, token: int) -> torch.Tensor:
+        """``token`` as the LLM's (1, 1) input: the sampled tensor itself, or a forced run token."""
+        if self.picked is not None:
+            return self.picked
+        return torch.tensor([[token]], device=self.device)
+
+    def accept(self, token: int) -> Generator[str, None, None]:
+        """Take ``token`` into the answer; yields the text it made final. An end-of-sequence token
+        or a completed stop string finishes the answer (and is not kept)."""
+        ids, result = self.result.token_ids, self.result
+        ids.append(token)
+        if self.settings.repetition_penalty != 1.0:
+            self.history = torch.cat([self.history, self.token_tensor(token).view(1, 1)], dim=1)
+        self.in_run = self.tracker.observe(token)
+        if self.appending:
+            return
+        if not self.in_run:
+            if token in self.eos:
+                ids.pop()
+                result.stop_reason, self.finished = "eos", True
+                return
+            delta, stopped = self.text.push(ids)
+            if delta:
+                _add_text(result, delta)
+                yield delta
+            if stopped:
+                del ids[self.text.stop_at:]
+                result.stop_reason, self.finished = "stop_string", True
+        elif self.tracker.pos == 1:  # a run begins: release held-back text, start a new span
+            tail = self.text.flush(len(ids))
+            if tail:
+                _add_text(result, tail)
+                yield tail
+
+    def record(self, state: torch.Tensor) -> None:
+        """Store the hidden state (hidden,) of the run token just fed."""
+        run = self.tracker.record(state, len(self.result.token_ids) - 1)
+        if run is None:
+            return
+        run.forced = self.appending
+        self.result.runs.append(run)
+        self.result.pieces.append(run)
+        if self.appending:
+            self.finished = True  # an appended run ends the answer again
+        else:
+            self.text.flush(len(self.result.token_ids))
+
+    def finish(self) -> Generator[str, None, None]:
+        """Release the text still held back (unless a stop string cut it)."""
+        if self.result.stop_reason != "stop_string":
+            tail = self.text.flush(len(self.result.token_ids))
+            if tail:
+                _add_text(self.result, tail)
+                yield tail
+
+    def append_run(self, required: Sequence[str]) -> bool:
+        """Start feeding the first run of ``required`` the answer lacks; False if none is missing."""
+        present = {r.modality for r in self.result.runs}
+        if self.tracker.modality is not None:  # its own run is still being fed
+            return True
+        missing = [m for m in required if m not in present]
+        if not missing:
+            return False
+        self.appending, self.finished = True, False
+        self.tracker.modality, self.tracker.pos = missing[0], 0
+        return True
+
+
+def generate_batch(
+    lm: LanguageModel,
+    inputs_embeds: Sequence[torch.Tensor],
+    prompt_ids: Sequence[torch.Tensor],
+    settings: SamplingSettings,
+    required: Sequence[str] = (),
+    *,
+    seeds: Sequence[int | None] | None = None,
+) -> list[LLMResult]:
+    """Decode several answers as one left-padded batch: one LLM call per step for all of them.
+
+    Each answer keeps its own sampler (seeded by its entry of ``seeds``), stop conditions and
+    signal-run tracking, so it comes out as :func:`generate` would give it alone with that seed,
+    up to floating-point rounding of the batched matrix products (greedy answers match; hidden
+    states agree to about 1e-5 in float32). An answer that has finished feeds masked placeholder
+    tokens until the last one ends; tokens a stop string cut after they were fed are masked out
+    of the cache, and required runs the LLM did not write are fed token by token.
+
+    Args:
+        lm: the language model.
+        inputs_embeds: one (1, L_i, hidden) prompt per answer.
+        prompt_ids: one (L_i,) id tensor per answer (for the repetition penalty).
+        settings: sampling settings shared by all answers (``settings.seed`` is not used).
+        required: modalities every answer must contain.
+        seeds: one seed per answer; None (or a None entry) draws a fresh one.
+
+    Returns:
+        One :class:`LLMResult` per prompt, in order; ``prefill_s`` and ``decode_s`` are the
+        batch's.
+    """
+    if len(inputs_embeds) != len(prompt_ids):
+        raise ValueError(f"generate_batch: {len(inputs_embeds)} prompts but {len(prompt_ids)} id tensors")
+    seeds = list(seeds) if seeds is not None else [None] * len(inputs_embeds)
+    if len(seeds) != len(inputs_embeds):
+        raise ValueError(f"generate_batch: {len(inputs_embeds)} prompts but {len(seeds)} seeds")
+    model, device = lm.model, inputs_embeds[0].device
+    answers = [_Answer(lm, settings, ids, seed, device) for ids, seed in zip(prompt_ids, seeds)]
+    batch = _PaddedBatch(inputs_embeds)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        cache, logits = batch.prefill(model)
+        prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        while True:
+            tokens = [_batch_step(answer, logits[i:i + 1], required) for i, answer in enumerate(answers)]
+            for i, (answer, token) in enumerate(zip(answers, tokens)):
+                batch.keep(i, len(answer.result.token_ids) - (token is not None))
+            if all(token is None for token in tokens):
+                break
+            in_run = [token is not None and answer.in_run for answer, token in zip(answers, tokens)]
+            out = batch.step(model, cache, tokens, output_hidden_states=any(in_run))
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+            for i, answer in enumerate(answers):
+                if in_run[i]:
+                    answer.record(out.hidden_states[-1][i, -1])
+    decode_s = time.perf_counter() - t0
+    for answer in answers:
+        answer.result.prefill_s, answer.result.decode_s = prefill_s, decode_s
+    return [answer.result for answer in answers]
+
+
+def _batch_step(answer: _Answer, logits: torch.Tensor, required: Sequence[str]) -> int | None:
+    """The token ``answer`` feeds this step, or None once it has nothing more to feed."""
+    if answer.finished and not answer.append_run(required):
+        return None
+    token = answer.next_token(logits)
+    if token is not None:
+        for _ in answer.accept(token):
+            pass
+    if answer.finished:
+        for _ in answer.finish():
+            pass
+        if not answer.append_run(required):
+            return None
+        if token is None or token in answer.eos or answer.result.stop_reason == "stop_string":
+            # the token that ended the answer is not fed: begin the appended run at once
+            token = answer.next_token(logits)
+            for _ in answer.accept(token):
+                pass
+    return token
+
+
+class _PaddedBatch:
+    """The left-padded KV-cache layout of a batch of answers.
+
+    Column ``c`` of the cache holds one position of every row; a row's padding, its placeholder
+    tokens after it finished, and tokens a stop string cut are masked out, and position ids
+    count only a row's real tokens, so each row computes what it would alone.
+    """
+
+    def __init__(self, inputs_embeds: Sequence[torch.Tensor]):
+        self.embeds = inputs_embeds
+        self.lengths = [e.shape[1] for e in inputs_embeds]
+        width = max(self.lengths)
+        device = inputs_embeds[0].device
+        self.mask = torch.zeros(len(inputs_embeds), width, dtype=torch.long, device=device)  # (B, columns)
+        for i, n in enumerate(self.lengths):
+            self.mask[i, width - n:] = 1
+        self.next_position = torch.tensor(self.lengths, device=device)
+        self.columns: list[list[int]] = [[] for _ in inputs_embeds]  # the column of each fed answer token
+
+    def prefill(self, model: torch.nn.Module) -> tuple[Any, torch.Tensor]:
+        batch, width = self.mask.shape
+        first = self.embeds[0]
+        padded = first.new_zeros(batch, width, first.shape[-1])  # (B, W, hidden)
+        for i, embeds in enumerate(self.embeds):
+            padded[i, width - embeds.shape[1]:] = embeds[0]
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
+        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        out = model(inputs_embeds=padded, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                    **kwargs)
+        return _cache_of(out), out.logits[:, -1, :].float()
+
+    def keep(self, row: int, kept: int) -> None:
+        """Mask out row ``row``'s fed answer tokens past its first ``kept`` (cut by a stop string)."""
+        columns = self.columns[row]
+        if len(columns) > kept:
+            self.mask[row, columns[kept:]] = 0
+            del columns[kept:]
+            self.next_position[row] = self.lengths[row] + kept
+
+    def step(self, model: torch.nn.Module, cache: Any, tokens: Sequence[int | None],
+             output_hidden_states: bool) -> Any:
+        """Feed one token per row (None: a masked placeholder)."""
+        device = self.mask.device
+        real = torch.tensor([t is not None for t in tokens], device=device)
+        ids = torch.tensor([[0 if t is None else t] for t in tokens], device=device)  # (B, 1)
+        column = self.mask.shape[1]
+        self.mask = torch.cat([self.mask, real[:, None].long()], dim=1)
+        positions = self.next_position[:, None].clone()  # (B, 1)
+        self.next_position += real.long()
+        for row, token in enumerate(tokens):
+            if token is not None:
+                self.columns[row].append(column)
+        return model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                     output_hidden_states=output_hidden_states, **{cache_argument(): cache})
+
+
 def _prefill(model: torch.nn.Module, inputs_embeds: torch.Tensor, keys: Sequence[Hashable] | None,
-             reuse: PromptCache | None) -> tuple[Any, torch.Tensor, int]:
-    """Run the prompt through the LLM: ``(cache, last logits (1, V), positions reused)``."""
+             reuse: PromptCache | None, static: Any = None) -> tuple[Any, torch.Tensor, int]:
+    """Run the prompt through the LLM: ``(cache, last logits (1, V), positions reused)``; into
+    the empty ``static`` cache if given."""
     start, past = 0, {}
+    if static is not None:
+        past = {cache_argument(): static,
+                "cache_position": torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)}
     if reuse is not None and keys is not None and reuse.reusable_by(model) and _croppable(reuse.cache):
         # At least the last prompt position is run again: its logits give the first token.
         start = min(_common_prefix(reuse.keys, keys), len(keys) - 1)
@@ -306,6 +525,17 @@ def _prefill(model: torch.nn.Module, inputs_embeds: torch.Tensor, keys: Sequence
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(inputs_embeds=inputs_embeds[:, start:], use_cache=True, **past, **kwargs)
     return _cache_of(out), out.logits[:, -1, :].float(), start
+
+
+def _static_cache(lm: LanguageModel, prompt_length: int, max_new_tokens: int, required: Sequence[str]) -> Any:
+    """An empty static KV cache with room for the prompt, the answer and the appended runs."""
+    from transformers import StaticCache
+
+    longest_run = max((len(ids) for ids in lm.signal_ids.values()), default=0)
+    length = prompt_length + max_new_tokens + longest_run * (1 + len(required))
+    # Its tensors are allocated by the (eager) prefill, on each layer's device and dtype, so the
+    # first compiled step already sees its final buffers.
+    return StaticCache(config=lm.model.config, max_cache_len=length)
 
 
 def _common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
@@ -357,11 +587,12 @@ def _add_text(result: LLMResult, delta: str) -> None:
         result.pieces.append(delta)
 
 
-def _pick(scores: torch.Tensor, do_sample: bool, gen: torch.Generator) -> int:
+def _pick(scores: torch.Tensor, do_sample: bool, gen: torch.Generator) -> torch.Tensor:
+    """The next token as a (1, 1) tensor on the scores' device."""
     if not do_sample:
-        return int(scores.argmax(-1))
+        return scores.argmax(-1, keepdim=True)
     probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return torch.multinomial(probs, 1, generator=gen)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -136,6 +136,23 @@ class LanguageModel:
         #: LoRA factors already merged into ``model`` (``module path → (A, B, scale)``), kept so
         #: that saving a model directory that references the LLM writes them again.
         self.merged_lora: dict[str, tuple] = {}
+        #: The compiled one-token step (see :meth:`compile`); None decodes eagerly with a growing cache.
+        self.decode_step: Any = None
+
+    def compile(self, backend: str = "inductor", mode: str | None = "reduce-overhead") -> None:
+        """Decode with a static KV cache and a ``torch.compile`` of the one-token step.
+
+        Every decode step then has the same shapes, so the compiled step is reused (on CUDA,
+        ``reduce-overhead`` replays it as a CUDA graph); the prompt's prefill stays eager, as
+        its length varies. A chat then prefills each turn in full: a static cache is sized for
+        one answer. Batched decoding (:func:`~anygpt.generation.generate_batch`) stays eager.
+
+        Args:
+            backend: the ``torch.compile`` backend (``"eager"`` checks the static path cheaply).
+            mode: the inductor mode (ignored by other backends).
+        """
+        options = {"mode": mode} if backend == "inductor" and mode else {}
+        self.decode_step = torch.compile(self.model.forward, backend=backend, dynamic=False, **options)
 
     # Loading ---------------------------------------------------------------------------------
     @classmethod

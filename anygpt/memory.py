@@ -145,6 +145,17 @@ class MemoryPlan:
                 return placement
         raise KeyError(component)
 
+    def max_decode_batch(self, component: str) -> int:
+        """How many media items ``component`` (a ``decoder/<modality>``) may generate in one call:
+        the plan's peak holds one item's working memory, and each further item needs as much
+        again out of what the budget leaves (an estimate, as the working memory is)."""
+        sizes = {c.name: c for c in self.components}
+        if component not in sizes:
+            raise KeyError(component)
+        per_item = _working(sizes[component], self.placement(component).vae_slicing)
+        headroom = self.budget - RESERVED - self.peak
+        return 1 + max(0, headroom) // per_item if per_item > 0 else 1
+
     def format(self) -> str:
         """The plan as a table: each component's weights, where it lives, and the peaks."""
         sizes = {c.name: c for c in self.components}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -14,8 +15,9 @@ import torch
 
 from anygpt.config import CONFIG_FILENAME, DECODE_OPTIONS, AnyGPTConfig, SamplingSettings, preset_file
 from anygpt.conversation import Conversation, MediaInputs
+from anygpt.llm import PromptInputs
 from anygpt.errors import ConfigError, UnknownNameError
-from anygpt.generation import LLMResult, SignalRun, generate_stream
+from anygpt.generation import LLMResult, SignalRun, generate_batch, generate_stream
 from anygpt.modalities import MODALITIES, get_modality
 from anygpt.model import AnyGPTModel, decoder_config
 from anygpt.options import check_options
@@ -46,6 +48,10 @@ class AnyGPTPipeline:
         self._decoders: dict[str, Any] = {}
         self.progress = True
         self.memory_plan = None  # the anygpt.memory plan applied by from_pretrained(memory=...)
+        #: The most media items a decoder generates in one call; None: as many as the memory plan
+        #: allows (without a plan: all of a modality's items of the answers at hand).
+        self.decode_batch_size: int | None = None
+        self._decoder_speed: dict[str, Any] = {}  # the decoders' optimize() options, set by optimize()
 
     # Construction --------------------------------------------------------------------------
     @classmethod
@@ -121,6 +127,27 @@ class AnyGPTPipeline:
     def device(self) -> torch.device:
         return self.model.device
 
+    def optimize(self, *, compile: bool = True, channels_last: bool = False, backend: str = "inductor",
+                 mode: str | None = "reduce-overhead") -> "AnyGPTPipeline":
+        """Opt-in speed options for a GPU, applied to the LLM and to every decoder (those loaded
+        later too).
+
+        Args:
+            compile: decode with a static KV cache and a compiled one-token step
+                (:meth:`~anygpt.llm.LanguageModel.compile`), and compile each decoder's UNet
+                (:meth:`~anygpt.decoders.Decoder.optimize`). The first answer pays the compile time.
+            channels_last: the decoders' UNet and VAE weights in channels-last memory order.
+            backend: the ``torch.compile`` backend.
+            mode: the inductor mode of the LLM step. The UNets compile in inductor's default
+                mode: one UNet call is long enough that CUDA graphs add little but compile time.
+        """
+        if compile:
+            self.model.lm.compile(backend=backend, mode=mode)
+        self._decoder_speed = {"compile": compile, "channels_last": channels_last, "backend": backend}
+        for decoder in self._decoders.values():
+            decoder.optimize(**self._decoder_speed)
+        return self
+
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """Show or hide progress bars (decoder denoising steps)."""
         self.progress = not disable
@@ -132,8 +159,10 @@ class AnyGPTPipeline:
             if modality not in self.config.output_modalities:
                 raise UnknownNameError("output modality", modality, self.config.output_modalities)
             from anygpt import decoders
-            self._decoders[modality] = decoders.load_decoder(
-                decoder_config(self.config, modality, self.base_dir), device=self.device)
+            decoder = decoders.load_decoder(decoder_config(self.config, modality, self.base_dir), device=self.device)
+            if self._decoder_speed:
+                decoder.optimize(**self._decoder_speed)
+            self._decoders[modality] = decoder
         return self._decoders[modality]
 
     def load_decoders(self) -> None:
@@ -142,14 +171,16 @@ class AnyGPTPipeline:
             self.decoder(modality)
 
     # Generation -----------------------------------------------------------------------------
-    def __call__(self, prompt: str | Sequence[dict], *, outputs: Sequence[str] = (),
-                 media: MediaInputs | None = None, **kwargs: Any) -> GenerationOutput:
-        """Answer one message (or a list of chat messages).
+    def __call__(self, prompt: str | Sequence[dict] | Sequence[str | Sequence[dict]], *,
+                 outputs: Sequence[str] = (), media: MediaInputs | Sequence[MediaInputs | None] | None = None,
+                 **kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
+        """Answer one message (or a list of chat messages), or a batch of them.
 
         Args:
             prompt: the user's text, or messages ``[{"role": ..., "content": ..., "images": [...]}]``.
                 ``<image>``/``<audio>``/``<video>`` in the text place the media; otherwise media
-                go before the text.
+                go before the text. A list of such prompts (texts, or message lists) is answered
+                as one batch: see :meth:`batch`.
             outputs: modalities the answer must contain (their signal run is completed or appended).
             media: media by modality name (``{"image": [path, ...]}``), attached to the (last)
                 user message; file paths or loaded values (PIL images, ``Audio``, ``Video``).
@@ -159,21 +190,54 @@ class AnyGPTPipeline:
                 ``stop_strings``, ``seed``) and the decoders' (:data:`~anygpt.config.DECODE_OPTIONS`: ``steps``,
                 ``guidance``, ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``).
         """
+        if _is_batch(prompt):
+            return self.batch(prompt, outputs=outputs, media=media, **kwargs)
         media, settings = _split_media(media, kwargs)
         conversation = Conversation()
-        if isinstance(prompt, str):
-            conversation.add_user(prompt, media)
-        else:
-            _add_messages(conversation, prompt, media)
+        _add_prompt(conversation, prompt, media)
         return self._run(conversation, outputs, settings)
 
-    def chat(self, conversation: Conversation, message: str | None = None, *, outputs: Sequence[str] = (),
-             media: MediaInputs | None = None, **kwargs: Any) -> GenerationOutput:
+    def batch(self, prompts: Sequence[str | Sequence[dict]], *, outputs: Sequence[str] = (),
+              media: Sequence[MediaInputs | None] | None = None, **kwargs: Any) -> list[GenerationOutput]:
+        """Answer several prompts at once: the LLM decodes them as one padded batch, and each
+        decoder runs once per modality for all their media (in chunks of
+        :attr:`decode_batch_size`, or what the memory plan allows).
+
+        Each answer equals ``self(prompt, seed=s, ...)`` for its seed ``s`` up to the rounding of
+        batched matrix products: greedy text matches, and so do media for the same seeds.
+
+        Args:
+            prompts: texts or message lists, as ``prompt`` of :meth:`__call__`.
+            media: one media mapping (or None) per prompt.
+            **kwargs: settings as for :meth:`__call__`, shared by every prompt, except ``seed``,
+                which may be a list with one seed per prompt (an integer seeds each prompt
+                alike). Media go in ``media`` or the messages, not in ``images=`` etc.
+        """
+        media_list = _batch_media(media, kwargs, len(prompts))
+        seeds, sampling, decode_opts = self._batch_settings(outputs, kwargs, len(prompts))
+        conversations = []
+        for prompt, items in zip(prompts, media_list):
+            conversation = Conversation(keep_cache=False)
+            _add_prompt(conversation, prompt, items)
+            conversations.append(conversation)
+        return self._run_batch(conversations, outputs, sampling, decode_opts, seeds)
+
+    def chat(self, conversation: Conversation | Sequence[Conversation],
+             message: str | Sequence[str | None] | None = None, *, outputs: Sequence[str] = (),
+             media: MediaInputs | Sequence[MediaInputs | None] | None = None,
+             **kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
         """Add ``message`` (if given) to ``conversation``, answer it, and record the answer.
 
         Media of earlier turns are not encoded again. If answering fails, the conversation is
         left as it was before the call. Arguments as for :meth:`__call__`.
+
+        Given a list of conversations (and one message, or None, and one media mapping per
+        conversation), they are answered as one batch, as by :meth:`batch`; if any fails, all
+        are left as they were. A batched turn prefills each history in full (the kept KV
+        caches are neither used nor replaced by it).
         """
+        if not isinstance(conversation, Conversation):
+            return self._chat_batch(list(conversation), message, outputs, media, kwargs)
         media, settings = _split_media(media, kwargs)
         with conversation.atomic():
             _add_message(conversation, message, media)
@@ -200,6 +264,25 @@ class AnyGPTPipeline:
                 yield event
             conversation.add_assistant(output.raw_text)
 
+    def _chat_batch(self, conversations: list[Conversation], messages: Sequence[str | None] | str | None,
+                    outputs: Sequence[str], media: Any, kwargs: dict) -> list[GenerationOutput]:
+        if isinstance(messages, str):
+            raise ConfigError("chat over several conversations takes one message per conversation (a list), "
+                              "got one string")
+        messages = [None] * len(conversations) if messages is None else list(messages)
+        if len(messages) != len(conversations):
+            raise ConfigError(f"chat: {len(conversations)} conversations but {len(messages)} messages")
+        media_list = _batch_media(media, kwargs, len(conversations))
+        seeds, sampling, decode_opts = self._batch_settings(outputs, kwargs, len(conversations))
+        with contextlib.ExitStack() as stack:
+            for conversation, message, items in zip(conversations, messages, media_list):
+                stack.enter_context(conversation.atomic())
+                _add_message(conversation, message, items)
+            results = self._run_batch(conversations, outputs, sampling, decode_opts, seeds)
+            for conversation, output in zip(conversations, results):
+                conversation.add_assistant(output.raw_text)
+        return results
+
     def _run(self, conversation: Conversation, outputs: Sequence[str], settings: dict) -> GenerationOutput:
         event = None
         for event in self._stream(conversation, outputs, settings):
@@ -215,9 +298,7 @@ class AnyGPTPipeline:
         self._encode_pending(conversation)
         timings["encode"] = time.perf_counter() - t0
 
-        prompt = self.model.lm.tokenize_prompt(conversation.turns, self.model.num_media_tokens(),
-                                               reserve=sampling.max_new_tokens)
-        embeds = self.model.embed_prompt(prompt, [conversation.encoding(r.key) for r in prompt.media])
+        prompt, embeds = self._prompt(conversation, sampling)
         keys = prompt.position_keys() if conversation.keep_cache else None
         result: LLMResult = yield from _wrap_text(
             generate_stream(self.model.lm, embeds, prompt.input_ids, sampling, required=tuple(outputs),
@@ -225,21 +306,73 @@ class AnyGPTPipeline:
         conversation.keep(result.cache)
         timings["prefill"], timings["decode"] = result.prefill_s, result.decode_s
 
-        segments: list = []
-        seed = sampling.seed
-        for piece in result.pieces:
-            if isinstance(piece, str):
-                segments.append(TextSegment(piece))
-                continue
-            index = sum(isinstance(s, MediaSegment) for s in segments)
-            yield MediaStarted(piece.modality, index)
-            segment = self._decode_run(piece, None if seed is None else seed + index, decode_opts, timings)
-            segments.append(segment)
+        for index, run in enumerate(result.runs):
+            yield MediaStarted(run.modality, index)
+        media: list[MediaSegment | None] = [None] * len(result.runs)
+        for index, segment in self._decode_runs(result.runs, _media_seeds(sampling.seed, result.runs),
+                                                decode_opts, timings):
+            media[index] = segment
             yield segment
         timings["total"] = time.perf_counter() - start
-        yield GenerationOutput(segments=segments, raw_text=self.model.lm.decode(result.token_ids),
-                               timings=timings, num_generated_tokens=len(result.token_ids),
-                               num_prompt_tokens=prompt.input_ids.numel(), num_cached_tokens=result.reused_tokens)
+        yield self._output(prompt, result, media, timings)
+
+    def _run_batch(self, conversations: list[Conversation], outputs: Sequence[str], sampling: SamplingSettings,
+                   decode_opts: dict, seeds: list[int | None]) -> list[GenerationOutput]:
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self._encode_pending(*conversations)
+        timings["encode"] = time.perf_counter() - t0
+        prompts = [self._prompt(conversation, sampling) for conversation in conversations]
+        results = generate_batch(self.model.lm, [embeds for _, embeds in prompts],
+                                 [prompt.input_ids for prompt, _ in prompts], sampling, required=tuple(outputs),
+                                 seeds=seeds)
+        timings["prefill"], timings["decode"] = results[0].prefill_s, results[0].decode_s
+        runs = [run for result in results for run in result.runs]
+        run_seeds = [s for result, seed in zip(results, seeds) for s in _media_seeds(seed, result.runs)]
+        media: list[MediaSegment | None] = [None] * len(runs)
+        for index, segment in self._decode_runs(runs, run_seeds, decode_opts, timings):
+            media[index] = segment
+        timings["total"] = time.perf_counter() - start
+        outputs_, first = [], 0
+        for (prompt, _), result in zip(prompts, results):
+            outputs_.append(self._output(prompt, result, media[first:first + len(result.runs)], dict(timings)))
+            first += len(result.runs)
+        return outputs_
+
+    def _batch_settings(self, outputs: Sequence[str], kwargs: dict,
+                        count: int) -> tuple[list[int | None], SamplingSettings, dict]:
+        """Per-prompt seeds, and the shared sampling settings and decode options, all checked."""
+        if count == 0:
+            raise ConfigError("a batch needs at least one prompt, got an empty list")
+        settings = dict(kwargs)
+        seed = settings.pop("seed", None)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != count:
+                raise ConfigError(f"settings.seed: {len(seed)} seeds for {count} prompts; give one per prompt "
+                                  f"or a single integer")
+            sampling, decode_opts = self._settings(outputs, settings)
+            for value in seed:
+                replace(sampling, seed=value).validate("settings")
+            return list(seed), sampling, decode_opts
+        sampling, decode_opts = self._settings(outputs, {**settings, "seed": seed})
+        return [sampling.seed] * count, sampling, decode_opts
+
+    def _prompt(self, conversation: Conversation, sampling: SamplingSettings) -> tuple[PromptInputs, torch.Tensor]:
+        """The conversation's prompt (trimmed to leave room for the answer) and its (1, L, hidden)
+        input embeddings."""
+        prompt = self.model.lm.tokenize_prompt(conversation.turns, self.model.num_media_tokens(),
+                                               reserve=sampling.max_new_tokens)
+        embeds = self.model.embed_prompt(prompt, [conversation.encoding(r.key) for r in prompt.media])
+        return prompt, embeds
+
+    def _output(self, prompt: PromptInputs, result: LLMResult, media: Sequence[MediaSegment],
+                timings: dict[str, float]) -> GenerationOutput:
+        media_iter = iter(media)
+        segments = [TextSegment(piece) if isinstance(piece, str) else next(media_iter) for piece in result.pieces]
+        return GenerationOutput(segments=segments, raw_text=self.model.lm.decode(result.token_ids),
+                                timings=timings, num_generated_tokens=len(result.token_ids),
+                                num_prompt_tokens=prompt.input_ids.numel(), num_cached_tokens=result.reused_tokens)
 
     def _settings(self, outputs: Sequence[str], settings: dict) -> tuple[SamplingSettings, dict]:
         for modality in outputs:
@@ -260,31 +393,52 @@ class AnyGPTPipeline:
         decode_opts = check_options(DECODE_OPTIONS, settings, "settings")
         return sampling, decode_opts
 
-    def _encode_pending(self, conversation: Conversation) -> None:
-        """Encode the conversation's new media, one batch per modality."""
+    def _encode_pending(self, *conversations: Conversation) -> None:
+        """Encode the conversations' new media, one batch per modality."""
         by_modality: dict[str, list] = defaultdict(list)
-        for item in conversation.pending():
-            by_modality[item.modality].append(item)
-        for modality, items in by_modality.items():
+        for conversation in conversations:
+            for item in conversation.pending():
+                by_modality[item.modality].append((conversation, item))
+        for modality, entries in by_modality.items():
             if modality not in self.model.input_projectors:
                 raise UnknownNameError("input modality", modality, list(self.model.input_projectors))
-            embeddings = self.model.encode_items(modality, [item.value for item in items])  # (N, D)
-            for item, embedding in zip(items, embeddings):
+            embeddings = self.model.encode_items(modality, [item.value for _, item in entries])  # (N, D)
+            for (conversation, item), embedding in zip(entries, embeddings):
                 conversation.record_encoding(item.key, embedding)
 
-    def _decode_run(self, run: SignalRun, seed: int | None, options: dict, timings: dict) -> MediaSegment:
-        t0 = time.perf_counter()
-        decoder = self.decoder(run.modality)
-        load = time.perf_counter() - t0
-        if load > 1e-3:
-            timings[f"load/{run.modality}"] = timings.get(f"load/{run.modality}", 0.0) + load
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            condition = self.model.project_signals(run.modality, run.hidden_states[None])
-        value = decoder.decode(condition, seed=seed, progress=self.progress, **options)[0]
-        key = f"decoder/{run.modality}"
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-        return MediaSegment(run.modality, value, forced=run.forced)
+    def _decode_runs(self, runs: Sequence[SignalRun], seeds: Sequence[int | None], options: dict,
+                     timings: dict) -> Iterator[tuple[int, MediaSegment]]:
+        """Decode signal runs, each decoder once per chunk of its modality's runs; yields
+        ``(index in runs, segment)``, in order within each modality."""
+        by_modality: dict[str, list[int]] = defaultdict(list)
+        for index, run in enumerate(runs):
+            by_modality[run.modality].append(index)
+        for modality, indices in by_modality.items():
+            t0 = time.perf_counter()
+            decoder = self.decoder(modality)
+            load = time.perf_counter() - t0
+            if load > 1e-3:
+                timings[f"load/{modality}"] = timings.get(f"load/{modality}", 0.0) + load
+            size = self._decode_chunk(modality) or len(indices)
+            for first in range(0, len(indices), size):
+                chunk = indices[first:first + size]
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    states = torch.stack([runs[i].hidden_states for i in chunk])  # (N, S, hidden)
+                    condition = self.model.project_signals(modality, states)
+                values = decoder.decode(condition, seed=[seeds[i] for i in chunk], progress=self.progress,
+                                        **options)
+                key = f"decoder/{modality}"
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+                for i, value in zip(chunk, values):
+                    yield i, MediaSegment(modality, value, forced=runs[i].forced)
+
+    def _decode_chunk(self, modality: str) -> int | None:
+        if self.decode_batch_size is not None:
+            return self.decode_batch_size
+        if self.memory_plan is not None:
+            return self.memory_plan.max_decode_batch(f"decoder/{modality}")
+        return None
 
 
 def _wrap_text(gen):
@@ -294,6 +448,38 @@ def _wrap_text(gen):
             yield TextDelta(next(gen))
     except StopIteration as stop:
         return stop.value
+
+
+def _media_seeds(seed: int | None, runs: Sequence[SignalRun]) -> list[int | None]:
+    """Media item ``i`` of an answer is decoded with ``seed + i``."""
+    return [None if seed is None else seed + index for index in range(len(runs))]
+
+
+def _is_batch(prompt: Any) -> bool:
+    """A list of prompts (texts or message lists), not one prompt's message list."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompt))
+
+
+def _batch_media(media: Any, kwargs: dict[str, Any], count: int) -> list[dict[str, list]]:
+    """One media mapping per prompt of a batch."""
+    plurals = sorted(get_modality(m).plural for m in MODALITIES if get_modality(m).plural in kwargs)
+    if plurals:
+        raise ConfigError(f"{', '.join(plurals)}= cannot be split between the prompts of a batch; give "
+                          f"media=[{{'image': [...]}}, ...] with one mapping per prompt, or put them in the messages")
+    if media is None:
+        return [{} for _ in range(count)]
+    if isinstance(media, Mapping) or len(media) != count:
+        raise ConfigError(f"media: a batch of {count} prompts takes a list of {count} media mappings (or None), "
+                          f"one per prompt")
+    return [_split_media(items, {})[0] for items in media]
+
+
+def _add_prompt(conversation: Conversation, prompt: str | Sequence[dict], media: Mapping[str, list]) -> None:
+    if isinstance(prompt, str):
+        conversation.add_user(prompt, media)
+    else:
+        _add_messages(conversation, prompt, media)
 
 
 def _split_media(media: MediaInputs | None, kwargs: dict[str, Any]) -> tuple[dict[str, list], dict[str, Any]]:

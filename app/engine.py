@@ -104,8 +104,10 @@ def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_di
                     state.parts.append(Part("pending", event.modality))
                 elif isinstance(event, MediaSegment):
                     path = _write(event, turn_dir, state)
-                    for i in range(len(state.parts) - 1, -1, -1):
-                        if state.parts[i].kind == "pending":
+                    # A modality's items are decoded together and arrive in answer order, so each
+                    # fills the first placeholder of its modality.
+                    for i, part in enumerate(state.parts):
+                        if part.kind == "pending" and part.value == event.modality:
                             state.parts[i] = Part(event.modality, path)
                             break
                     else:

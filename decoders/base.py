@@ -31,6 +31,7 @@ from anygpt.errors import ConfigError, WeightsNotFoundError
 from anygpt.options import Option, check_value, options_of
 from anygpt.paths import looks_like_path, resolve_path
 from anygpt.registry import Registry
+from anygpt.seeding import fresh_seed
 from anygpt.weightfiles import check_folder, is_size_mismatch
 from anygpt.decoders import tiny
 
@@ -292,7 +293,7 @@ class Decoder:
         condition: torch.Tensor,
         *,
         negative_condition: torch.Tensor | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
         progress: bool = False,
         **options: Any,
     ) -> list[Any]:
@@ -303,7 +304,8 @@ class Decoder:
                 output projector's.
             negative_condition: the unconditional embedding for classifier-free guidance, with
                 batch 1 or ``batch``; default :attr:`negative_condition` (the empty caption).
-            seed: seeds a ``torch.Generator`` on the decoder's device; None draws fresh noise.
+            seed: seeds a ``torch.Generator`` on the decoder's device; None draws fresh noise. A
+                list gives one seed per row, so that each row matches a batch-1 call with it.
             progress: show the pipeline's progress bar.
             **options: any :class:`~anygpt.config.DecodeOptions` field (``steps``, ``guidance``,
                 ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``); see
@@ -329,7 +331,7 @@ class Decoder:
             negative_prompt_embeds=None if negative is None else self._pipeline_embeds(negative),
             num_inference_steps=resolved["steps"],
             guidance_scale=resolved["guidance"],
-            generator=self._generator(seed),
+            generator=self._generator(seed, len(condition)),
             output_type=self.output_type,
             **self._size_arguments(resolved),
         )
@@ -384,8 +386,19 @@ class Decoder:
         return {argument: resolved[option] for option, argument in self.size_options.items()
                 if resolved[option] is not None}
 
-    def _generator(self, seed: int | None) -> torch.Generator | None:
-        return None if seed is None else torch.Generator(self.device).manual_seed(seed)
+    def _generator(self, seed: int | Sequence[int | None] | None,
+                   batch: int) -> torch.Generator | list[torch.Generator] | None:
+        """One generator for the batch, or one per row (each row's noise then equals that of a
+        batch-1 call with its seed)."""
+        if seed is None or isinstance(seed, int):
+            return None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        seeds = list(seed)
+        if len(seeds) != batch:
+            raise ValueError(f"seed: {len(seeds)} seeds for a batch of {batch}; give one per row of condition "
+                             "or a single integer")
+        if all(s is None for s in seeds):
+            return None
+        return [torch.Generator(self.device).manual_seed(fresh_seed() if s is None else s) for s in seeds]
 
     def _to_media(self, output: Any, fps: float | None) -> list[Any]:
         """The pipeline's output (of :attr:`output_type`) as a list of media values."""
@@ -476,6 +489,33 @@ class Decoder:
     def _encode_media(self, media: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         vae = self.pipeline.vae
         return vae.encode(media).latent_dist.sample(generator) * vae.config.scaling_factor
+
+    # Speed ---------------------------------------------------------------------------------
+
+    def optimize(self, *, compile: bool = False, channels_last: bool = False, backend: str = "inductor",
+                 mode: str | None = None) -> Decoder:
+        """Speed options for the denoising loop, through torch's and diffusers' public API.
+
+        Args:
+            compile: ``torch.compile`` the UNet: regionally (diffusers'
+                ``compile_repeated_blocks``, each transformer block compiled once) where the model
+                declares its repeated blocks, else as a whole. Compiling happens on the first call.
+            channels_last: keep the UNet's and VAE's 4-D weights in channels-last memory order
+                (faster convolutions on GPUs with tensor cores).
+            backend, mode: passed to ``torch.compile`` (``mode`` only with inductor).
+        """
+        unet, vae = self.pipeline.unet, self.pipeline.vae
+        if channels_last:
+            for model in (unet, vae):
+                model.to(memory_format=torch.channels_last)
+        if compile:
+            options = {"backend": backend, **({"mode": mode} if mode and backend == "inductor" else {})}
+            blocks = set(getattr(unet, "_repeated_blocks", None) or ())
+            if any(type(m).__name__ in blocks for m in unet.modules()):
+                unet.compile_repeated_blocks(**options)
+            else:
+                unet.compile(**options)
+        return self
 
     # Devices and saving --------------------------------------------------------------------
 

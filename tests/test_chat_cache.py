@@ -83,7 +83,7 @@ def test_a_failed_turn_drops_the_cache_and_the_next_turn_is_prefilled_in_full(ti
         raise RuntimeError("decoder exploded")
 
     with monkeypatch.context() as patch:
-        patch.setattr(tiny_pipe, "_decode_run", explode)
+        patch.setattr(tiny_pipe, "_decode_runs", explode)
         with pytest.raises(RuntimeError, match="exploded"):
             tiny_pipe.chat(conversation, "draw it", outputs=("image",), **GREEDY)
     assert conversation.cached_tokens == 0 and len(conversation.turns) == 2

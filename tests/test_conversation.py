@@ -57,7 +57,7 @@ def test_a_failed_chat_turn_leaves_the_conversation_as_it_was(tiny_pipe, media_f
     def explode(*args, **kwargs):
         raise RuntimeError("decoder exploded")
 
-    monkeypatch.setattr(tiny_pipe, "_decode_run", explode)
+    monkeypatch.setattr(tiny_pipe, "_decode_runs", explode)
     with pytest.raises(RuntimeError, match="exploded"):
         tiny_pipe.chat(conv, "draw this", images=[media_files["image"]], outputs=("image",), seed=0)
     assert conv.turns == before and conv.pending() == []
