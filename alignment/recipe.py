@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from anygpt.alignment.checkpointing import Checkpointer, TrainState
+from anygpt.alignment.checkpointing import (Checkpointer, TrainState, check_room, check_writable, checkpoint_bytes,
+                                            write_error)
 from anygpt.alignment.config import TrainConfig
 from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
 from anygpt.alignment.optim import WarmupDecay
@@ -70,17 +71,22 @@ class _Data:
 # =============================================================================================
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> TrainResult:
     """Run one stage of the recipe described by ``config``.
 
     Args:
         config: the stage config.
-        resume: continue from the newest checkpoint under ``<output_dir>/checkpoints``.
+        resume: True: continue from the newest checkpoint under ``<output_dir>/checkpoints``; a
+            path: from that checkpoint folder.
 
     Returns:
         The final model directory (``<output_dir>/model``), step and last evaluation metrics.
+
+    Raises:
+        ConfigError: ``output_dir`` is not writable, or has no room for one checkpoint.
+        CheckpointError: a checkpoint cannot be written (disk full, no permission) or read back.
     """
-    output = Path(config.output_dir)
+    output = check_writable(config.output_dir)  # before minutes of model loading
     accelerator = _accelerator(config, output)
     torch.manual_seed(config.seed)
     pipe = _load_pipeline(config, accelerator)
@@ -92,11 +98,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
                                    prefix_cache_mb=config.train.prefix_cache_mb,
                                    **_output_side(config, pipe, data, accelerator))
     optimizer = build_optimizer(trainable, config)
+    if config.checkpoint.every:
+        check_room(output, checkpoint_bytes(trainable, optimizer))
     scheduler = build_scheduler(optimizer, config)
     loader, sampler = _train_loader(config, data.train, model)
     prepared, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
     checkpointer = Checkpointer(accelerator, output / "checkpoints", trainable, config, keep=config.checkpoint.keep)
-    state = checkpointer.load() if resume else TrainState(num_processes=accelerator.num_processes)
+    if resume:
+        state = checkpointer.load(None if resume is True else Path(resume))
+    else:
+        state = TrainState(num_processes=accelerator.num_processes)
     if accelerator.is_main_process:
         config.to_yaml(_mkdir(output) / "train_config.yaml")
     loop = _Loop(config, accelerator, prepared, objective, optimizer, scheduler, trainable, checkpointer)
@@ -482,7 +493,13 @@ def save_model(pipe: "AnyGPTPipeline", trainable: TrainableParameters, directory
         # Only decoders built from `arch` are written; pretrained ones are referenced, not loaded.
         decoders = {m: pipe.decoder(m) for m in pipe.config.output_modalities
                     if pipe.config.modalities[m].decoder.pretrained is None}
-        save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, llm_lora=lora)
+        try:
+            save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, llm_lora=lora)
+        except Exception as exc:  # the partial directory is already removed
+            error = write_error(exc, Path(directory).parent, f"the trained model {directory}")
+            if error is None:
+                raise
+            raise error from exc
         logger.info("saved the trained model to %s", directory)
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from anygpt.errors import (
     AnyGPTError,
+    CheckpointError,
     ConfigError,
     ContextLengthError,
     MediaError,
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnyGPTPipeline", "AnyGPTConfig", "Conversation", "GenerationOutput", "Audio", "Video",
-    "AnyGPTError", "ConfigError", "ContextLengthError", "MediaError", "UnknownNameError",
+    "AnyGPTError", "CheckpointError", "ConfigError", "ContextLengthError", "MediaError", "UnknownNameError",
     "WeightsNotFoundError", "list_presets", "save_output",
 ]
 

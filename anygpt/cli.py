@@ -2,7 +2,7 @@
 
     anygpt generate --preset mini "Draw a cat" --outputs image --out answer/
     anygpt presets
-    anygpt train --config alignment/configs/stage2_decoding.yaml optim.lr=1e-3 [--resume]
+    anygpt train --config alignment/configs/stage2_decoding.yaml optim.lr=1e-3 [--resume | --resume-from CHECKPOINT]
     anygpt eval --model runs/stage2_decoding/model --data captions_val.jsonl
     anygpt world build --out runs/miniature [--quick]
     anygpt convert nextgpt pytorch_model.pt --base-llm vicuna-7b-v0/ --out nextgpt-7b/
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, type=Path, help="stage config .yaml")
     tr.add_argument("--resume", action="store_true",
                     help="continue from the newest checkpoint under <output_dir>/checkpoints")
+    tr.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT",
+                    help="continue from this checkpoint folder (<output_dir>/checkpoints/checkpoint-N)")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted config overrides, e.g. optim.lr=1e-3 train.max_steps=200")
 
@@ -275,7 +277,7 @@ def _train(args: argparse.Namespace) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0
     level = logging.INFO if main_process else logging.WARNING
     logging.getLogger("anygpt.alignment").setLevel(min(level, logging.getLogger().level))
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume_from or args.resume)
     if main_process:
         print(f"trained {result.step} steps; model: {result.model_dir}")
     return 0

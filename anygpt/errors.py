@@ -14,6 +14,7 @@ __all__ = [
     "MediaError",
     "ContextLengthError",
     "WeightsNotFoundError",
+    "CheckpointError",
 ]
 
 
@@ -52,3 +53,12 @@ class ContextLengthError(AnyGPTError, ValueError):
 
 class WeightsNotFoundError(AnyGPTError, OSError):
     """Weights named by a config (hub id or local path) could not be found or loaded."""
+
+
+class CheckpointError(AnyGPTError, OSError):
+    """A training checkpoint could not be written (disk full, no permission, read-only disk) or
+    read back on resume (a missing or corrupt file).
+
+    The message names the file or folder and says what to do: free space, choose another
+    ``output_dir``, or resume from the newest earlier checkpoint that loads.
+    """

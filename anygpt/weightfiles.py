@@ -136,13 +136,14 @@ def read_torch_file(path: str | os.PathLike, *, what: str = "weights", fix: str 
     except FileNotFoundError as exc:
         raise WeightsNotFoundError(f"{path}: no such file ({what}); {fix}") from exc
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            first = str(exc).strip().splitlines()
-            detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        # An unknown opcode ("Unsupported operand N") is corrupt bytes, not a pickle that runs code.
+        if "Unsupported operand" not in detail and ("weights only" in str(exc).lower() or "weights_only" in str(exc)):
             problem = ("is a pickle that needs code to run to load" + (f" ({detail})" if detail else "")
                        + "; refused, since such a pickle can run anything (torch.load runs with weights_only=True)")
         else:
-            problem = f"is not a torch state dict (corrupt, or random or foreign bytes: {exc})"
+            problem = f"is not a torch state dict (corrupt, or random or foreign bytes: {detail or exc})"
         raise WeightsNotFoundError(f"{path}: {what}: the file {problem}; {fix}") from exc
     except (RuntimeError, EOFError, OSError, ValueError, struct.error) as exc:
         raise WeightsNotFoundError(f"{path}: {what}: the file is corrupt or truncated, or not a torch "
