@@ -82,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
     app.add_argument("--concurrency", type=int, default=1, help="model calls at once (default: 1)")
 
+    srv = add("serve", help="serve an OpenAI-compatible API (/v1) with the chat app at /",
+              description="OpenAI-compatible HTTP API: POST /v1/chat/completions (text, image, audio and video "
+                          "in and out), POST /v1/images/generations, GET /v1/models; the chat app at /.")
+    _add_model_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--api-key", default=os.environ.get("ANYGPT_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $ANYGPT_API_KEY, else none)")
+    srv.add_argument("--media-dir", type=Path, default=None,
+                     help="a folder whose files requests may name by path (default: data URLs only)")
+    srv.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (default: 64)")
+    srv.add_argument("--no-app", dest="with_app", action="store_false", help="serve the API only")
+    srv.add_argument("--out", type=Path, default=Path("outputs/app"),
+                     help="the chat app's folder for generated media (default: outputs/app)")
+    srv.add_argument("--max-upload-mb", type=float, default=50.0, help="the app's largest upload (default: 50)")
+    srv.add_argument("--concurrency", type=int, default=1,
+                     help="model calls at once, app and API together (default: 1)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503 (default: 64)")
+
     tr = add("train", help="run one alignment stage (works under `accelerate launch`)",
              description="Train one stage of the alignment recipe. Shipped stage configs: "
                          "alignment/configs/stage{1_encoding,2_decoding,3_instruction}.yaml.")
@@ -260,6 +279,18 @@ def _app(args: argparse.Namespace) -> int:
     demo = build_app(pipe, output_dir=args.out, max_upload_mb=args.max_upload_mb,
                      concurrency=args.concurrency)
     launch(demo, host=args.host, port=args.port, share=args.share, block=True)
+    return 0
+
+
+@_command("serve")
+def _serve(args: argparse.Namespace) -> int:
+    pipe = _load_pipeline(args, progress=False)
+
+    from anygpt.app.server import serve
+
+    serve(pipe, host=args.host, port=args.port, api_key=args.api_key, app=args.with_app, output_dir=str(args.out),
+          max_upload_mb=args.max_upload_mb, concurrency=args.concurrency, max_queue=args.max_queue,
+          media_dir=str(args.media_dir) if args.media_dir else None, max_request_mb=args.max_request_mb)
     return 0
 
 

@@ -372,7 +372,8 @@ class AnyGPTPipeline:
         segments = [TextSegment(piece) if isinstance(piece, str) else next(media_iter) for piece in result.pieces]
         return GenerationOutput(segments=segments, raw_text=self.model.lm.decode(result.token_ids),
                                 timings=timings, num_generated_tokens=len(result.token_ids),
-                                num_prompt_tokens=prompt.input_ids.numel(), num_cached_tokens=result.reused_tokens)
+                                num_prompt_tokens=prompt.input_ids.numel(), num_cached_tokens=result.reused_tokens,
+                                stop_reason=result.stop_reason)
 
     def _settings(self, outputs: Sequence[str], settings: dict) -> tuple[SamplingSettings, dict]:
         for modality in outputs:

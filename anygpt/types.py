@@ -116,6 +116,8 @@ class GenerationOutput:
         num_prompt_tokens: positions of the prompt, media slots included.
         num_cached_tokens: prompt positions taken from the chat's kept KV cache rather than
             prefilled again.
+        stop_reason: why the LLM stopped: ``eos``, ``stop_string`` or ``length`` (the
+            ``max_new_tokens`` budget).
     """
 
     segments: list[Segment] = field(default_factory=list)
@@ -124,6 +126,7 @@ class GenerationOutput:
     num_generated_tokens: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    stop_reason: str = ""
 
     @property
     def text(self) -> str:

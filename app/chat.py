@@ -25,6 +25,7 @@ from anygpt.options import Option
 from anygpt.paths import resolve_path
 
 from anygpt.app.engine import AUTO, TurnState, output_choices, run_turn
+from anygpt.app.gate import ModelGate
 from anygpt.app.session import ChatSession, UserMessage, describe_modalities, upload_suffixes
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _examples(pipe: Any, folder: Path, inputs: Sequence[str]) -> list[list[dict]
 
 # The app ------------------------------------------------------------------------------------------
 def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_mb: float = 50.0,
-              concurrency: int = 1, title: str = "AnyGPT") -> gr.Blocks:
+              concurrency: int = 1, title: str = "AnyGPT", gate: ModelGate | None = None) -> gr.Blocks:
     """Build the chat app around ``pipe``.
 
     Args:
@@ -193,7 +194,10 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
             :func:`app.server.launch` so that only this folder is served.
         max_upload_mb: larger uploads are refused with an error in the chat.
         concurrency: model calls running at once (the queue holds the rest).
+        gate: a model-call budget shared with other front ends of the same process (the
+            OpenAI-compatible API of ``anygpt serve``); each turn holds one of its slots.
     """
+    gate = gate or ModelGate(concurrency)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = pipe.config
@@ -230,9 +234,10 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
 
         def stream_turn(session: ChatSession, message: UserMessage, output_choice, *values):
             busy = gr.MultimodalTextbox(value=None, interactive=False)
-            for _ in run_turn(pipe, session, message, output_dir=output_dir, output=output_choice,
-                              settings=ui_settings(values, options), max_upload_mb=max_upload_mb):
-                yield _history(session), busy, session
+            with gate.slot():
+                for _ in run_turn(pipe, session, message, output_dir=output_dir, output=output_choice,
+                                  settings=ui_settings(values, options), max_upload_mb=max_upload_mb):
+                    yield _history(session), busy, session
             yield _history(session), gr.MultimodalTextbox(interactive=True), session
 
         def respond(value, snapshot, session, output_choice, *values):
@@ -266,14 +271,16 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
             # the last value): each update is the text so far and the media written so far.
             # Text updates are coalesced (every update costs Gradio a serialise-and-send);
             # new media and the final state are always sent.
-            for final in run_turn(pipe, session, _user_message(message), output_dir=output_dir,
-                                  output=output, settings=ui_settings(values, options),
-                                  max_upload_mb=max_upload_mb):
-                now = time.monotonic()
-                if final.error or not (final.done or len(final.files) > sent_files or now - last >= _API_UPDATE_S):
-                    continue
-                last, sent_files = now, len(final.files)
-                yield final.text, final.files, session
+            with gate.slot():
+                for final in run_turn(pipe, session, _user_message(message), output_dir=output_dir,
+                                      output=output, settings=ui_settings(values, options),
+                                      max_upload_mb=max_upload_mb):
+                    now = time.monotonic()
+                    if final.error or not (final.done or len(final.files) > sent_files
+                                           or now - last >= _API_UPDATE_S):
+                        continue
+                    last, sent_files = now, len(final.files)
+                    yield final.text, final.files, session
             if final is None or final.error:
                 raise gr.Error(final.error if final else "no answer", print_exception=False)
 

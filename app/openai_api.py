@@ -1,0 +1,507 @@
+"""An OpenAI-compatible HTTP API for a pipeline, following vLLM-Omni's conventions for media.
+
+Endpoints (all under ``/v1``):
+
+- ``POST /v1/chat/completions``: messages whose content is a string or typed parts (``text``,
+  ``image_url``, ``audio_url``, ``input_audio``, ``video_url``); media come as data URLs, or as
+  local paths inside the server's media folder. ``modalities`` names what the answer must
+  contain (``["text", "image"]``). Diffusion settings (``num_inference_steps``,
+  ``guidance_scale``, ``height``, ``width``, ``num_frames``, ``audio_length_s``, ``seed``) go at
+  the top level of the body, where the OpenAI client's ``extra_body`` puts them, or inside an
+  ``extra_body`` object. Images come back as ``image_url`` parts and videos as ``video_url``
+  parts (data URLs), audio as base64 WAV in ``message.audio``. With ``stream: true`` the text
+  arrives as server-sent events and the media in the last chunk.
+- ``POST /v1/images/generations``: ``b64_json`` PNGs.
+- ``GET /v1/models``.
+
+Errors use OpenAI's schema (``{"error": {"message", "type", "param", "code"}}``) with the
+status that fits: 400 for a bad request, 401 for a wrong key, 413 for a body over the limit,
+503 when the queue is full, 500 for a failure inside the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import itertools
+import json
+import logging
+import mimetypes
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from anygpt.errors import AnyGPTError
+from anygpt.modalities import MODALITIES, get_modality
+from anygpt.types import GenerationOutput, MediaSegment, TextDelta, TextSegment
+
+from anygpt.app.gate import ModelGate, ServerBusyError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_api", "APIError"]
+
+#: Request fields (OpenAI's and vLLM-Omni's extra ones) → the pipeline's settings.
+SETTING_FIELDS = {
+    "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
+    "top_p": "top_p", "top_k": "top_k", "seed": "seed", "repetition_penalty": "repetition_penalty",
+    "num_inference_steps": "steps", "guidance_scale": "guidance", "height": "height", "width": "width",
+    "num_frames": "num_frames", "fps": "fps", "audio_length_s": "audio_length_s",
+}
+#: Content part type → (modality, the part's key holding ``{"url": ...}``).
+MEDIA_PARTS = {"image_url": ("image", "image_url"), "audio_url": ("audio", "audio_url"),
+               "video_url": ("video", "video_url")}
+_IGNORED_FIELDS = {"model", "messages", "stream", "stream_options", "modalities", "n", "stop", "extra_body",
+                   "audio", "user", "response_format", "prompt", "size", "quality", "style"}
+
+
+@dataclass
+class APIError(Exception):
+    """A request the API refuses, with the HTTP status and OpenAI error fields it answers with."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+def parse_settings(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline settings a request body asks for (top level and ``extra_body``)."""
+    fields = dict(body)
+    extra = fields.pop("extra_body", None) or {}
+    if not isinstance(extra, Mapping):
+        raise APIError(400, "extra_body must be an object", param="extra_body")
+    fields.update(extra)
+    unknown = sorted(set(fields) - set(SETTING_FIELDS) - _IGNORED_FIELDS)
+    if unknown:
+        raise APIError(400, f"unknown field(s) {', '.join(unknown)}; settings this server takes: "
+                            f"{', '.join(sorted(SETTING_FIELDS))}", param=unknown[0])
+    if fields.get("n", 1) != 1:
+        raise APIError(400, "n must be 1 for chat completions (send one request per answer)", param="n")
+    settings = {SETTING_FIELDS[k]: v for k, v in fields.items() if k in SETTING_FIELDS and v is not None}
+    if settings.get("temperature") == 0:  # OpenAI's "deterministic": greedy decoding
+        del settings["temperature"]
+        settings["do_sample"] = False
+    stop = fields.get("stop")
+    if stop is not None:
+        settings["stop_strings"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return settings
+
+
+def parse_outputs(body: Mapping[str, Any], output_modalities: tuple[str, ...]) -> tuple[str, ...]:
+    """The media modalities ``modalities`` requires (``text`` is always part of an answer)."""
+    requested = body.get("modalities") or []
+    if isinstance(requested, str) or not all(isinstance(m, str) for m in requested):
+        raise APIError(400, "modalities must be a list of names, e.g. [\"text\", \"image\"]", param="modalities")
+    valid = ("text", *output_modalities)
+    bad = [m for m in requested if m not in valid]
+    if bad:
+        raise APIError(400, f"unknown output modality {bad[0]!r}; this model answers with {', '.join(valid)}",
+                       param="modalities")
+    return tuple(m for m in dict.fromkeys(requested) if m != "text")
+
+
+class MediaFolder:
+    """Where a request's media are read from: data URLs are written to a temporary folder, and
+    local paths are accepted only inside ``allowed`` (None: no local paths)."""
+
+    def __init__(self, scratch: Path, allowed: Path | None):
+        self.scratch, self.allowed = scratch, allowed.resolve() if allowed else None
+
+    def from_url(self, url: Any, modality: str, param: str) -> Path:
+        if not isinstance(url, str) or not url:
+            raise APIError(400, f"{param}: expected a URL string", param=param)
+        if url.startswith("data:"):
+            header, sep, data = url[5:].partition(",")
+            mime, _, encoding = header.partition(";")
+            if not sep or encoding != "base64":
+                raise APIError(400, f"{param}: a data URL must look like data:<type>;base64,<data>", param=param)
+            return self.from_base64(data, _suffix(mime, modality, param), param)
+        if url.startswith(("http://", "https://")):
+            raise APIError(400, f"{param}: this server does not fetch remote URLs; send the file as a data URL",
+                           param=param)
+        return self._local(url.removeprefix("file://"), param)
+
+    def from_base64(self, data: str, suffix: str, param: str) -> Path:
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{param}: the base64 data is not valid", param=param) from None
+        path = self.scratch / f"{uuid.uuid4().hex}{suffix}"
+        path.write_bytes(raw)
+        return path
+
+    def _local(self, value: str, param: str) -> Path:
+        if self.allowed is None:
+            raise APIError(400, f"{param}: local paths are not accepted (start the server with --media-dir "
+                                "to allow a folder); send the file as a data URL", param=param)
+        path = (self.allowed / value).resolve()
+        if not path.is_relative_to(self.allowed):
+            raise APIError(400, f"{param}: {value!r} is outside the server's media folder", param=param)
+        return path
+
+
+def _suffix(mime: str, modality: str, param: str) -> str:
+    spec = get_modality(modality)
+    suffix = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/mpeg": ".mp3"}.get(mime) or \
+        mimetypes.guess_extension(mime or "")
+    if suffix == ".jpe":
+        suffix = ".jpg"
+    if suffix not in spec.input_suffixes:
+        raise APIError(400, f"{param}: {mime or 'no type'} is not a supported {modality} type "
+                            f"({', '.join(spec.input_suffixes)})", param=param)
+    return suffix
+
+
+def parse_messages(messages: Any, media: MediaFolder) -> list[dict[str, Any]]:
+    """OpenAI chat messages as the pipeline's messages (media in ``images``/``audios``/``videos``,
+    placed where their parts were with ``<image>``-style markers)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise APIError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}",
+                           param=f"messages[{i}].role")
+        text, items = _content(message.get("content"), media, f"messages[{i}].content")
+        if items and role != "user":
+            raise APIError(400, f"messages[{i}]: only user messages carry media", param=f"messages[{i}].content")
+        entry: dict[str, Any] = {"role": role, "content": text}
+        for modality, paths in items.items():
+            entry[get_modality(modality).plural] = paths
+        parsed.append(entry)
+    return parsed
+
+
+def _content(content: Any, media: MediaFolder, param: str) -> tuple[str, dict[str, list[Path]]]:
+    if content is None or isinstance(content, str):
+        return content or "", {}
+    if not isinstance(content, list):
+        raise APIError(400, f"{param} must be a string or a list of parts", param=param)
+    pieces: list[str] = []
+    items: dict[str, list[Path]] = {}
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            pieces.append(str(part.get("text", "")))
+            continue
+        if kind in MEDIA_PARTS:
+            modality, key = MEDIA_PARTS[kind]
+            value = part.get(key)
+            url = value.get("url") if isinstance(value, Mapping) else value
+            path = media.from_url(url, modality, f"{where}.{key}.url")
+        elif kind == "input_audio":
+            value = part.get("input_audio") or {}
+            modality = "audio"
+            path = media.from_base64(value.get("data", ""), _suffix(f"audio/{value.get('format', 'wav')}",
+                                                                     "audio", where), f"{where}.input_audio.data")
+        else:
+            valid = ", ".join(["text", *MEDIA_PARTS, "input_audio"])
+            raise APIError(400, f"{where}: unknown part type {kind!r}; valid: {valid}", param=where)
+        items.setdefault(modality, []).append(path)
+        pieces.append(f"<{modality}>")  # the pipeline places the item here
+    return "\n".join(p for p in pieces if p), items
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+def _encoded(segment: MediaSegment, scratch: Path) -> tuple[str, str]:
+    """``(mime type, base64)`` of a generated item, written in its modality's format."""
+    spec = get_modality(segment.modality)
+    path = spec.write(segment.value, scratch / f"{uuid.uuid4().hex}{spec.output_suffix}")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if spec.output_suffix == ".wav":
+        mime = "audio/wav"
+    return mime, base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def media_message(output: GenerationOutput, scratch: Path) -> dict[str, Any]:
+    """The assistant message of an answer: its content (a string, or parts where media came out)
+    and ``audio`` (the first sound, with the text as its transcript)."""
+    parts, audio = [], None
+    for segment in output.segments:
+        if isinstance(segment, TextSegment):
+            if segment.text:
+                parts.append({"type": "text", "text": segment.text})
+            continue
+        mime, data = _encoded(segment, scratch)
+        if segment.modality == "audio" and audio is None:
+            audio = {"id": f"audio_{uuid.uuid4().hex}", "data": data, "format": "wav",
+                     "expires_at": int(time.time()) + 3600, "transcript": output.text}
+            continue
+        kind = f"{segment.modality}_url"
+        parts.append({"type": kind, kind: {"url": f"data:{mime};base64,{data}"}})
+    only_text = all(p["type"] == "text" for p in parts)
+    message: dict[str, Any] = {"role": "assistant", "content": output.text if only_text else parts}
+    if audio is not None:
+        message["audio"] = audio
+    return message
+
+
+def _finish_reason(output: GenerationOutput) -> str:
+    return "length" if output.stop_reason == "length" else "stop"
+
+
+def _usage(output: GenerationOutput) -> dict[str, int]:
+    return {"prompt_tokens": output.num_prompt_tokens, "completion_tokens": output.num_generated_tokens,
+            "total_tokens": output.num_prompt_tokens + output.num_generated_tokens}
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+def build_api(pipe: Any, *, api_key: str | None = None, media_dir: str | Path | None = None,
+              max_request_mb: float = 64.0, gate: ModelGate | None = None,
+              model_name: str | None = None) -> FastAPI:
+    """A FastAPI app serving ``pipe`` with OpenAI's API.
+
+    Args:
+        pipe: an :class:`~anygpt.AnyGPTPipeline`.
+        api_key: if set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``.
+        media_dir: a folder whose files requests may name by path (default: none; data URLs only).
+        max_request_mb: larger request bodies are refused with 413.
+        gate: the model-call budget shared with the chat app (default: one call at a time).
+        model_name: the id ``/v1/models`` lists (default: the preset's name).
+    """
+    gate = gate or ModelGate()
+    name = model_name or getattr(pipe.config, "name", None) or "anygpt"
+    created = int(time.time())
+    api = FastAPI(title="AnyGPT OpenAI-compatible API")
+    api.state.gate = gate
+
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key provided; send it as 'Authorization: Bearer <key>'",
+                           type="invalid_request_error", code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        check(request)
+        limit = int(max_request_mb * 2**20)
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise APIError(413, f"the request body is over the server's limit of {max_request_mb:g} MB",
+                           code="request_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"the request body is over the server's limit of {max_request_mb:g} MB",
+                           code="request_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @api.get("/v1/models")
+    async def models(request: Request):
+        check(request)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "anygpt"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        events = _Completion(pipe, gate, body, Path(media_dir) if media_dir else None)
+        if not body.get("stream"):
+            output, message = await run_in_threadpool(events.run)
+            return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(output)}],
+                    "usage": _usage(output)}
+        first = await run_in_threadpool(events.start)  # errors before the first token are plain HTTP errors
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = _sse(events, first, completion_id, name, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+
+    @api.post("/v1/images/generations")
+    async def images_generations(request: Request):
+        body = await read_json(request)
+        return await run_in_threadpool(_images, pipe, gate, body, "image" in pipe.config.output_modalities)
+
+    return api
+
+
+class _Completion:
+    """One chat completion: parses the request, holds a gate slot and the pipeline's stream."""
+
+    def __init__(self, pipe: Any, gate: ModelGate, body: dict[str, Any], media_dir: Path | None):
+        self.pipe, self.gate, self.body, self.media_dir = pipe, gate, body, media_dir
+        self._scratch = tempfile.TemporaryDirectory(prefix="anygpt-api-")
+        self._stack = None
+        self._stream = None
+
+    def _open(self) -> Iterator[Any]:
+        from contextlib import ExitStack
+
+        from anygpt.conversation import Conversation
+
+        scratch = Path(self._scratch.name)
+        settings = parse_settings(self.body)
+        outputs = parse_outputs(self.body, tuple(self.pipe.config.output_modalities))
+        messages = parse_messages(self.body.get("messages"), MediaFolder(scratch, self.media_dir))
+        last = messages[-1]
+        if last["role"] != "user":
+            raise APIError(400, "the last message must be the user's", param="messages")
+        conversation = Conversation(keep_cache=False)
+        _history(conversation, messages[:-1])
+        media = _media_of(last)
+        self._stack = ExitStack()
+        self._stack.enter_context(self.gate.slot())
+        self._stack.callback(self._scratch.cleanup)
+        return self.pipe.stream(conversation, last["content"], outputs=outputs, media=media, **settings)
+
+    def start(self) -> Any:
+        """Open the stream and return its first event (request errors raise :class:`APIError`)."""
+        try:
+            self._stream = self._open()
+            return next(self._stream)
+        except BaseException as exc:
+            self.close()
+            raise _as_api_error(exc) from exc
+
+    def events(self) -> Iterator[Any]:
+        """The events after the first; the slot is released when they end or the client leaves."""
+        try:
+            yield from self._stream
+        finally:
+            self.close()
+
+    def run(self) -> tuple[GenerationOutput, dict[str, Any]]:
+        event = self.start()
+        try:
+            for event in self.events():
+                pass
+            return event, media_message(event, Path(self._scratch.name))
+        except BaseException as exc:
+            raise _as_api_error(exc) from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
+def _media_of(message: Mapping[str, Any]) -> dict[str, list]:
+    return {m: message[get_modality(m).plural] for m in MODALITIES if get_modality(m).plural in message}
+
+
+def _history(conversation: Any, messages: list[dict[str, Any]]) -> None:
+    """The turns before the one to answer."""
+    for message in messages:
+        if message["role"] == "system":
+            conversation.set_system(message["content"])
+        elif message["role"] == "assistant":
+            conversation.add_assistant(message["content"])
+        else:
+            conversation.add_user(message["content"], _media_of(message))
+
+
+def _as_api_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, APIError | GeneratorExit | KeyboardInterrupt):
+        return exc
+    if isinstance(exc, ServerBusyError):
+        return APIError(503, str(exc), type="server_error", code="server_busy")
+    if isinstance(exc, AnyGPTError):
+        return APIError(400, str(exc))
+    logger.exception("generation failed")
+    return APIError(500, f"generation failed ({type(exc).__name__}: {exc})", type="server_error")
+
+
+def _sse(completion: _Completion, first: Any, completion_id: str, model: str, include_usage: bool) -> Iterator[str]:
+    """The completion as server-sent event lines."""
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(data)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    output = None
+    try:
+        for item in itertools.chain([first], completion.events()):
+            if isinstance(item, TextDelta) and item.text:
+                yield chunk({"content": item.text})
+            elif isinstance(item, GenerationOutput):
+                output = item
+        message = media_message(output, Path(completion._scratch.name))
+        media = {k: v for k, v in message.items() if k == "audio"}
+        if isinstance(message["content"], list):
+            media["content"] = [p for p in message["content"] if p["type"] != "text"]
+        if media:
+            yield chunk(media)
+        yield chunk({}, _finish_reason(output), **({"usage": _usage(output)} if include_usage else {}))
+    except Exception as exc:  # noqa: BLE001 - the client learns of it in the stream; the server goes on
+        error = _as_api_error(exc)
+        body = error.body() if isinstance(error, APIError) else {"error": {"message": str(exc), "type": "server_error"}}
+        yield f"data: {json.dumps(body)}\n\n"
+    finally:
+        completion.close()
+    yield "data: [DONE]\n\n"
+
+
+def _images(pipe: Any, gate: ModelGate, body: dict[str, Any], has_images: bool) -> dict[str, Any]:
+    if not has_images:
+        raise APIError(400, "this model does not generate images")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise APIError(400, "prompt must be a non-empty string", param="prompt")
+    if body.get("response_format", "b64_json") != "b64_json":
+        raise APIError(400, "only response_format 'b64_json' is served (this server keeps no files)",
+                       param="response_format")
+    count = body.get("n", 1)
+    if not isinstance(count, int) or not 1 <= count <= 10:
+        raise APIError(400, "n must be an integer from 1 to 10", param="n")
+    settings = parse_settings({k: v for k, v in body.items() if k != "n"})
+    size = body.get("size")
+    if size not in (None, "auto"):
+        try:
+            width, height = (int(v) for v in str(size).lower().split("x"))
+        except ValueError:
+            raise APIError(400, f"size must look like 512x512, got {size!r}", param="size") from None
+        settings.update(width=width, height=height)
+    seed = settings.pop("seed", None)
+    if seed is not None:
+        settings["seed"] = [seed + i for i in range(count)]
+    with tempfile.TemporaryDirectory(prefix="anygpt-api-") as scratch:
+        try:
+            with gate.slot():
+                outputs = pipe.batch([prompt] * count, outputs=("image",), **settings)
+        except Exception as exc:
+            raise _as_api_error(exc) from exc
+        data = []
+        for output in outputs:
+            segment = next(s for s in output.segments if isinstance(s, MediaSegment) and s.modality == "image")
+            data.append({"b64_json": _encoded(segment, Path(scratch))[1], "revised_prompt": output.text})
+    return {"created": int(time.time()), "data": data}
