@@ -231,18 +231,16 @@ def generate_stream(
     model, device = lm.model, inputs_embeds.device
     answer = _Answer(lm, settings, prompt_ids, settings.seed, device)
     result = answer.result
-    step, static = model, None
+    static = None
     if lm.decode_step is not None:  # a fixed-shape step over a static cache: no reuse across turns
-        step, position_keys, reuse = lm.decode_step, None, None
+        position_keys = reuse = None
         static = _static_cache(lm, inputs_embeds.shape[1], settings.max_new_tokens, required)
-    extra: dict[str, Any] = {}
 
     t0 = time.perf_counter()
     with torch.inference_mode():
         cache, logits, result.reused_tokens = _prefill(model, inputs_embeds, position_keys, reuse, static)
-        if static is not None:
-            # The step's position lives on the device and advances there: no copy per token.
-            extra["cache_position"] = torch.tensor([inputs_embeds.shape[1]], device=device)
+        # The compiled step's position lives on the device and advances there: no copy per token.
+        position = torch.tensor([inputs_embeds.shape[1]], device=device)
         result.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         while True:
@@ -251,13 +249,18 @@ def generate_stream(
                 yield from answer.accept(token)
             if answer.finished:
                 break
-            out = step(input_ids=answer.token_tensor(token), **{cache_argument(): cache}, use_cache=True,
-                       output_hidden_states=answer.in_run, **extra)
-            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
             if static is not None:
-                extra["cache_position"] += 1
+                hidden, logits = lm.decode_step(answer.token_tensor(token), cache, position)
+                position += 1
+                state = hidden[0, -1]
+            else:
+                out = model(input_ids=answer.token_tensor(token), **{cache_argument(): cache}, use_cache=True,
+                            output_hidden_states=answer.in_run)
+                cache, logits = _cache_of(out), out.logits
+                state = out.hidden_states[-1][0, -1] if answer.in_run else None
+            logits = logits[:, -1, :].float()
             if answer.in_run:
-                answer.record(out.hidden_states[-1][0, -1])
+                answer.record(state)
         yield from answer.finish()
         cache = _append_missing_runs(lm, result, required, cache, device, inputs_embeds.shape[1])
     if position_keys is not None:
@@ -532,7 +535,10 @@ def _static_cache(lm: LanguageModel, prompt_length: int, max_new_tokens: int, re
     from transformers import StaticCache
 
     longest_run = max((len(ids) for ids in lm.signal_ids.values()), default=0)
-    length = prompt_length + max_new_tokens + longest_run * (1 + len(required))
+    needed = prompt_length + max_new_tokens + longest_run * (1 + len(required))
+    # Rounded up to a power of two (at least 256): the compiled step is specialised to the
+    # cache's length, so prompts of similar length share one compiled graph.
+    length = max(256, 1 << (needed - 1).bit_length())
     # Its tensors are allocated by the (eager) prefill, on each layer's device and dtype, so the
     # first compiled step already sees its final buffers.
     return StaticCache(config=lm.model.config, max_cache_len=length)

@@ -128,7 +128,7 @@ class AnyGPTPipeline:
         return self.model.device
 
     def optimize(self, *, compile: bool = True, channels_last: bool = False, backend: str = "inductor",
-                 mode: str | None = "reduce-overhead") -> "AnyGPTPipeline":
+                 mode: str | None = "auto") -> "AnyGPTPipeline":
         """Opt-in speed options for a GPU, applied to the LLM and to every decoder (those loaded
         later too).
 
@@ -138,8 +138,9 @@ class AnyGPTPipeline:
                 (:meth:`~anygpt.decoders.Decoder.optimize`). The first answer pays the compile time.
             channels_last: the decoders' UNet and VAE weights in channels-last memory order.
             backend: the ``torch.compile`` backend.
-            mode: the inductor mode of the LLM step. The UNets compile in inductor's default
-                mode: one UNet call is long enough that CUDA graphs add little but compile time.
+            mode: the inductor mode of the LLM step (``auto``: CUDA graphs on CUDA). The UNets
+                compile in inductor's default mode: one UNet call is long enough that CUDA graphs
+                add little but compile time.
         """
         if compile:
             self.model.lm.compile(backend=backend, mode=mode)

@@ -50,19 +50,32 @@ def test_the_static_compiled_step_answers_as_the_eager_loop(pipe, monkeypatch, s
 def test_the_compiled_step_runs_on_a_static_cache(compiled, monkeypatch):
     from transformers import StaticCache
 
-    from anygpt.generation import cache_argument
-
     seen = []
     step = compiled.model.lm.decode_step
 
-    def spy(**kwargs):
-        seen.append((type(kwargs[cache_argument()]), tuple(kwargs["cache_position"].shape)))
-        return step(**kwargs)
+    def spy(input_ids, cache, position):
+        seen.append((type(cache), tuple(input_ids.shape), int(position)))
+        return step(input_ids, cache, position)
 
     monkeypatch.setattr(compiled.model.lm, "decode_step", spy)
     output = compiled("hello", max_new_tokens=6, seed=0)
     assert len(seen) == output.num_generated_tokens >= 1  # one step per token the answer kept
-    assert all(kind is StaticCache and shape == (1,) for kind, shape in seen)
+    assert all(kind is StaticCache and shape == (1, 1) for kind, shape, _ in seen)
+    assert [p for _, _, p in seen] == list(range(output.num_prompt_tokens, output.num_prompt_tokens + len(seen)))
+
+
+def test_the_compiled_step_is_one_graph_for_text_and_signal_tokens(compiled):
+    """Signal-run tokens need the hidden state: the step returns it always, so no second graph
+    (and no recompilation) is needed for them."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled.model.lm.compile(backend="eager")
+    compiled("hello", max_new_tokens=10, seed=0, outputs=("image", "audio"))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_a_compiled_chat_prefills_each_turn_and_keeps_no_cache(compiled):
