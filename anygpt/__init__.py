@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnyGPTPipeline", "AnyGPTConfig", "Conversation", "GenerationOutput", "Audio", "Video",
+    "TextSegment", "MediaSegment", "TextDelta", "MediaStarted",
     "AnyGPTError", "CheckpointError", "ConfigError", "ContextLengthError", "MediaError", "UnknownNameError",
     "WeightsNotFoundError", "list_presets", "save_output",
 ]
@@ -41,6 +42,10 @@ _LAZY = {
     "GenerationOutput": "anygpt.types",
     "Audio": "anygpt.types",
     "Video": "anygpt.types",
+    "TextSegment": "anygpt.types",
+    "MediaSegment": "anygpt.types",
+    "TextDelta": "anygpt.types",
+    "MediaStarted": "anygpt.types",
     "save_output": "anygpt.export",
 }
 
@@ -49,7 +54,7 @@ if TYPE_CHECKING:
     from anygpt.conversation import Conversation
     from anygpt.export import save_output
     from anygpt.pipeline import AnyGPTPipeline
-    from anygpt.types import Audio, GenerationOutput, Video
+    from anygpt.types import Audio, GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment, Video
 
 
 def __getattr__(name: str) -> Any:

@@ -50,7 +50,11 @@ _DEBUG_HELP = "on an error, also print its traceback (same as ANYGPT_DEBUG=1)"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    from anygpt import __version__
+
+    parser.add_argument("--version", action="version", version=f"anygpt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress at INFO level and show the libraries' warnings")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     # --debug is accepted after the subcommand too. Its default there is SUPPRESS: a subparser's
     # defaults overwrite the top-level values, which would undo `anygpt --debug generate ...`.
@@ -255,15 +259,21 @@ def _generate(args: argparse.Namespace) -> int:
     check_options((*SAMPLING_OPTIONS, *DECODE_OPTIONS), settings)  # a bad flag fails before the model loads
     pipe = _load_pipeline(args, progress=not args.quiet)
     media = {name: getattr(args, name) for name in MODALITIES if getattr(args, name)}
-    output = None
+    output, line_open = None, False
     for event in pipe.stream(Conversation(), args.prompt, outputs=args.outputs, media=media, **settings):
         if isinstance(event, TextDelta):
             sys.stdout.write(event.text)
             sys.stdout.flush()
+            line_open = True
         elif isinstance(event, MediaStarted):
+            if line_open:  # end the answer's line: the decoders' bars (stderr) must not overwrite it
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                line_open = False
             logger.info("decoding %s %d", event.modality, event.index)
         output = event
-    sys.stdout.write("\n")
+    if line_open:
+        sys.stdout.write("\n")
     for path in save_output(output, args.out):
         print(f"wrote {path}")
     return 0
@@ -484,6 +494,28 @@ def _debug_from_env() -> bool:
     return os.environ.get("ANYGPT_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+#: Libraries whose warnings (deprecations, optional-backend notices) are not the user's concern
+#: by default; ``--verbose`` shows them.
+_LIBRARY_LOGGERS = ("torch", "torchao", "transformers", "diffusers", "accelerate", "huggingface_hub", "peft")
+
+
+def _quiet_libraries() -> None:
+    """Route Python warnings to logging and keep the libraries' warnings off stderr.
+
+    transformers and diffusers reset their loggers' levels from these variables when first
+    imported, so the variables are what holds; the CLI is the program here, so it may set them.
+    torch resets its own when imported, so it is imported before its level is set.
+    """
+    import torch  # noqa: F401 - importing torch resets its loggers' levels: import it first
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anygpt`` console script.
 
@@ -496,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False) or _debug_from_env()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return _COMMANDS[args.command](args)
     except AnyGPTError as exc:

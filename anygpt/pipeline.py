@@ -429,6 +429,7 @@ class AnyGPTPipeline:
                     states = torch.stack([runs[i].hidden_states for i in chunk])  # (N, S, hidden)
                     condition = self.model.project_signals(modality, states)
                 values = decoder.decode(condition, seed=[seeds[i] for i in chunk], progress=self.progress,
+                                        progress_label=_chunk_label(modality, first, len(chunk), len(indices)),
                                         **options)
                 key = f"decoder/{modality}"
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
@@ -450,6 +451,12 @@ def _wrap_text(gen):
             yield TextDelta(next(gen))
     except StopIteration as stop:
         return stop.value
+
+
+def _chunk_label(modality: str, first: int, size: int, total: int) -> str:
+    """``image 1/2``, or ``image 1-3/4`` for a chunk of several items."""
+    span = f"{first + 1}" if size == 1 else f"{first + 1}-{first + size}"
+    return f"{modality} {span}/{total}"
 
 
 def _media_seeds(seed: int | None, runs: Sequence[SignalRun]) -> list[int | None]:

@@ -295,6 +295,7 @@ class Decoder:
         negative_condition: torch.Tensor | None = None,
         seed: int | Sequence[int | None] | None = None,
         progress: bool = False,
+        progress_label: str | None = None,
         **options: Any,
     ) -> list[Any]:
         """Generate one media item per conditioning row.
@@ -307,6 +308,7 @@ class Decoder:
             seed: seeds a ``torch.Generator`` on the decoder's device; None draws fresh noise. A
                 list gives one seed per row, so that each row matches a batch-1 call with it.
             progress: show the pipeline's progress bar.
+            progress_label: the bar's label (e.g. ``image 1/2``); default: the modality.
             **options: any :class:`~anygpt.config.DecodeOptions` field (``steps``, ``guidance``,
                 ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``); see
                 :meth:`resolve_options` for the defaults. A ``guidance`` of 1 or less disables
@@ -325,7 +327,8 @@ class Decoder:
         negative = None
         if resolved["guidance"] > 1.0:
             negative = self._negative_for(condition, negative_condition)
-        self.pipeline.set_progress_bar_config(disable=not progress)
+        self.pipeline.set_progress_bar_config(disable=not progress, desc=f"{progress_label or self.modality} · steps",
+                                              leave=False)
         output = self.pipeline(
             prompt_embeds=self._pipeline_embeds(condition),
             negative_prompt_embeds=None if negative is None else self._pipeline_embeds(negative),

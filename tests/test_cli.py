@@ -26,6 +26,33 @@ def test_generate_writes_media_and_reports_paths(media_files, tmp_path):
     assert [s["type"] for s in answer["segments"] if s["type"] != "text"] == ["image", "audio", "video"]
 
 
+@pytest.mark.slow
+def test_stdout_holds_only_the_answer_and_stderr_no_library_warnings(tmp_path):
+    """By default the libraries' warnings stay off stderr, the decoder's bar is labelled, and the
+    answer's line is ended before any bar could overwrite it; --verbose shows the warnings."""
+    out_dir = tmp_path / "answer"
+    cmd = [sys.executable, "-m", "anygpt", "generate", "--preset", "tiny", "Draw", "--outputs", "image",
+           "--seed", "0", "--max-new-tokens", "6", "--out", str(out_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads((out_dir / "answer.json").read_text())
+    files = "".join(f"wrote {out_dir / n}\n" for n in ("image_0.png", "answer.json"))
+    assert proc.stdout.endswith("\n" + files) or proc.stdout == files
+    assert proc.stdout[:-len(files)].strip() == answer["text"].strip()
+    for text in ("Warning", "warn", "deprecated", "W1202", "torchao", "site-packages"):
+        assert text not in proc.stderr, proc.stderr[-2000:]
+    assert "image 1/1 · steps" in proc.stderr
+
+
+def test_version_prints_the_package_version(capsys):
+    import anygpt
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"anygpt {anygpt.__version__}"
+
+
 def test_errors_print_one_line_and_exit_nonzero(capsys, tmp_path):
     assert main(["generate", "--preset", "nope", "hi"]) == 2
     err = capsys.readouterr().err

@@ -17,3 +17,13 @@ def test_import_anygpt_is_light():
 def test_import_pipeline_does_not_load_diffusers_gradio_or_imagebind():
     code = "from anygpt import AnyGPTPipeline; import anygpt.pipeline, anygpt.decoders"
     assert _loaded_after(code, ("diffusers", "gradio", "imagebind")) == []
+
+
+def test_every_name_in_all_imports_from_the_package():
+    """The README names these types; each must import from `anygpt` itself."""
+    import anygpt
+
+    for name in anygpt.__all__:
+        assert getattr(anygpt, name) is not None, name
+    code = "from anygpt import TextDelta, MediaStarted, MediaSegment, TextSegment"
+    assert _loaded_after(code, ("torch", "diffusers", "gradio")) == []
