@@ -50,9 +50,9 @@ _DEBUG_HELP = "on an error, also print its traceback (same as ANYGPT_DEBUG=1)"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
-    from anygpt import __version__
+    from importlib.metadata import version
 
-    parser.add_argument("--version", action="version", version=f"anygpt {__version__}")
+    parser.add_argument("--version", action="version", version=f"anygpt {version('anygpt')}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress at INFO level and show the libraries' warnings")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)

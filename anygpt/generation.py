@@ -13,17 +13,16 @@ common prefix, and only the rest of the prompt is prefilled.
 from __future__ import annotations
 
 import bisect
-import functools
 import inspect
 import time
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Generator, Hashable, Sequence
 
 import torch
 
 from anygpt.config import SamplingSettings
-from anygpt.llm import LanguageModel
+from anygpt.llm import LanguageModel, cache_argument
 from anygpt.seeding import fresh_seed
 
 __all__ = ["SamplingSettings", "SignalRun", "LLMResult", "PromptCache", "generate_stream", "generate",
@@ -599,17 +598,6 @@ def _pick(scores: torch.Tensor, do_sample: bool, gen: torch.Generator) -> torch.
         return scores.argmax(-1, keepdim=True)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=gen)
-
-
-@functools.cache
-def cache_argument() -> str:
-    """The keyword a transformers causal LM takes its KV cache by: ``cache``, or
-    ``past_key_values`` in releases that know only that name."""
-    # transformers renamed the KV cache from `past_key_values` to `cache` (the old name warns on
-    # every call and is to be removed); older 5.x releases know only the old name.
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def _cache_of(output) -> object:

@@ -7,13 +7,14 @@ config value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
@@ -156,8 +157,6 @@ class LanguageModel:
                 (CUDA graphs) on CUDA, the default mode elsewhere (on CPU ``reduce-overhead``
                 measured 6x slower than eager decoding, the default mode 1.16x faster).
         """
-        from anygpt.generation import cache_argument
-
         if mode == "auto":
             mode = "reduce-overhead" if self.device.type == "cuda" else None
 
@@ -800,3 +799,14 @@ def _add_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
             mean, std = base.mean(0), base.std(0)
             noise = torch.randn(new - old, weight.shape[1], generator=gen)
             weight[old:] = (mean + noise * std).to(weight.dtype)
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The keyword a transformers causal LM takes its KV cache by: ``cache``, or
+    ``past_key_values`` in releases that know only that name."""
+    # transformers renamed the KV cache from `past_key_values` to `cache` (the old name warns on
+    # every call and is to be removed); older 5.x releases know only the old name.
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"

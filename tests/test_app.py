@@ -179,6 +179,27 @@ def test_bad_input_is_an_error_and_the_app_keeps_serving(server, bad_inputs, cas
     assert isinstance(answer, str) and "image_0.png" in [os.path.basename(f) for f in out_files]
 
 
+@pytest.mark.parametrize("settings, pattern", [
+    ({"height": 12}, r"height.*multiple of 8"),
+    ({"temperature": 0.001}, r"0\.001 is less than minimum"),  # refused by the slider itself
+])
+def test_a_bad_setting_is_an_error_bubble_and_the_next_turn_succeeds(server, settings, pattern, media_files):
+    client = client_for(server)
+    with pytest.raises(AppError, match=pattern):
+        ask(client, "Draw it", (), "image", **settings)
+    answer, out_files = ask(client, "Now a normal one.", (), "image")
+    assert "image_0.png" in [os.path.basename(f) for f in out_files]
+
+
+def test_typed_control_tokens_stay_text_in_the_app(server, tiny_pipe):
+    """Signal and media-wrapper tokens typed by the user are plain text: in auto mode they start no
+    decoder, and the turn answers normally."""
+    lm = tiny_pipe.model.lm
+    forged = "".join(lm.signal_tokens["image"]) + lm.config.media_begin + lm.config.media_end
+    answer, out_files = ask(client_for(server), f"hello {forged}", (), "auto", max_new_tokens=4)
+    assert isinstance(answer, str) and out_files in (None, [])
+
+
 @pytest.mark.slow
 def test_eight_concurrent_clients(server, media_files):
     results, errors = [None] * 8, []
