@@ -512,7 +512,8 @@ def _add_message(conversation: Conversation, message: str | None, media: Mapping
 def _add_messages(conversation: Conversation, messages: Sequence[dict], media: Mapping[str, list]) -> None:
     """Fill a conversation from chat messages; loose media attach to the last user message.
 
-    A message's own media are under each modality's plural name (``"images": [...]``).
+    A message's own media are under each modality's plural name (``"images": [...]``), or in its
+    ``content`` given as typed parts (:func:`_content_parts`).
     """
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
@@ -525,6 +526,10 @@ def _add_messages(conversation: Conversation, messages: Sequence[dict], media: M
             raise ConfigError(f"messages[{i}]: unknown key(s) {', '.join(unknown)}; valid: role, content, "
                               f"{', '.join(plurals)}")
         own = {plurals[key]: list(items) for key, items in message.items() if key in plurals}
+        if isinstance(content, (list, tuple)):
+            content, parts_media = _content_parts(content, f"messages[{i}].content")
+            for modality, items in parts_media.items():
+                own.setdefault(modality, []).extend(items)
         if i == last_user:
             for modality, items in media.items():
                 own.setdefault(modality, []).extend(items)
@@ -538,6 +543,37 @@ def _add_messages(conversation: Conversation, messages: Sequence[dict], media: M
             conversation.set_system(content)
         else:
             raise ConfigError(f"messages[{i}].role: must be user, assistant or system, got {role!r}")
+
+
+def _content_parts(parts: Sequence[Any], where: str) -> tuple[str, dict[str, list]]:
+    """Typed content parts, as transformers' any-to-any pipeline takes them, as text with a
+    ``<image>``-style tag where each item was, and the items by modality.
+
+    A part is ``{"type": "text", "text": ...}`` or ``{"type": "<modality>", <source>}`` with the
+    source under ``path``, ``url`` (a local file; nothing is downloaded) or the modality's own
+    name (a loaded value: a PIL image, ``Audio``, ``Video``).
+    """
+    pieces: list[str] = []
+    media: dict[str, list] = {}
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            pieces.append(str(part.get("text", "")))
+            continue
+        if kind not in MODALITIES:
+            raise ConfigError(f"{where}[{j}]: unknown part type {kind!r}; valid: text, {', '.join(MODALITIES)}")
+        sources = [key for key in ("path", "url", kind) if part.get(key) is not None]
+        if len(sources) != 1:
+            raise ConfigError(f"{where}[{j}]: a {kind} part needs exactly one of path, url or {kind}, "
+                              f"got {', '.join(sources) or 'none'}")
+        value = part[sources[0]]
+        if sources[0] == "url":
+            if str(value).startswith(("http://", "https://")):
+                raise ConfigError(f"{where}[{j}]: remote URLs are not fetched; download the file and give its path")
+            value = str(value).removeprefix("file://")
+        media.setdefault(kind, []).append(value)
+        pieces.append(f"<{kind}>")
+    return "\n".join(p for p in pieces if p), media
 
 
 def resolve_config(name_or_path: str | os.PathLike) -> tuple[AnyGPTConfig, Path | None]:
