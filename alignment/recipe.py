@@ -112,7 +112,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> T
         config.to_yaml(_mkdir(output) / "train_config.yaml")
     loop = _Loop(config, accelerator, prepared, objective, optimizer, scheduler, trainable, checkpointer)
     metrics = loop.run(_batches(loader, sampler, accelerator, state.batches), state, data.val)
-    model_dir = save_model(pipe, trainable, output / MODEL_DIR, accelerator)
+    card = {"training": _training_summary(config, state.step), "metrics": metrics}
+    model_dir = save_model(pipe, trainable, output / MODEL_DIR, accelerator, card=card)
     accelerator.end_training()
     return TrainResult(model_dir=model_dir, step=state.step, metrics=metrics)
 
@@ -474,15 +475,24 @@ def _format(values: dict[str, float]) -> str:
 # =============================================================================================
 
 
+def _training_summary(config: TrainConfig, steps: int) -> dict[str, Any]:
+    """What the model card says trained the model."""
+    data = [p for p in (config.data.train, config.data.decoding_train) if p]
+    return {"recipe stage": config.stage, "started from": config.model, "training data": data,
+            "validation data": config.data.val or "none", "steps": steps,
+            "batch size": config.train.batch_size * config.train.grad_accum, "learning rate": config.optim.lr}
+
+
 def save_model(pipe: "AnyGPTPipeline", trainable: TrainableParameters, directory: Path,
-               accelerator: "Accelerator | None" = None) -> Path:
+               accelerator: "Accelerator | None" = None, card: dict[str, Any] | None = None) -> Path:
     """Fold the trained signal rows into the embedding matrices, merge LoRA into the LLM, and
     write a model directory that ``AnyGPTPipeline.from_pretrained`` loads.
 
     The main process writes it with :func:`anygpt.checkpoint.save_model_directory` (atomically:
     a temporary sibling renamed into place). When LoRA changed an LLM that the directory only
     references (a hub id, a path or a package), the LoRA factors are saved (megabytes) and merged
-    again at load time, rather than the whole LLM.
+    again at load time, rather than the whole LLM. ``card`` adds ``training`` and ``metrics`` to
+    the directory's model card.
     """
     from anygpt.checkpoint import save_model_directory
 
@@ -494,7 +504,8 @@ def save_model(pipe: "AnyGPTPipeline", trainable: TrainableParameters, directory
         decoders = {m: pipe.decoder(m) for m in pipe.config.output_modalities
                     if pipe.config.modalities[m].decoder.pretrained is None}
         try:
-            save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, llm_lora=lora)
+            save_model_directory(pipe.model, directory, decoders=decoders, base_dir=pipe.base_dir, llm_lora=lora,
+                                 card=card)
         except Exception as exc:  # the partial directory is already removed
             error = write_error(exc, Path(directory).parent, f"the trained model {directory}")
             if error is None:

@@ -30,6 +30,7 @@ from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, EncoderConfig, LLMConfi
 from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
 from anygpt.errors import ConfigError, WeightsNotFoundError
 from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source, hf_config_for_arch
+from anygpt.model_card import MODEL_CARD_FILENAME, model_card
 from anygpt.paths import resolve_path
 from anygpt.weightfiles import check_dims, check_state, read_json_config, read_safetensors, read_torch_file
 
@@ -82,7 +83,8 @@ LoraFactors = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, decoders: Mapping[str, "Decoder"],
-                         base_dir: Path | None, save_llm: bool = False, llm_lora: LoraFactors | None = None) -> Path:
+                         base_dir: Path | None, save_llm: bool = False, llm_lora: LoraFactors | None = None,
+                         card: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` as a model directory that ``AnyGPTPipeline.from_pretrained`` reloads exactly.
 
     The directory is written into a temporary sibling folder, then renamed into place, so it is
@@ -102,6 +104,8 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
             ``lm.merged_lora``, every LoRA merged so far). Where the LLM is referenced (not
             written whole), they are written instead (megabytes, not the whole LLM) and merged
             again when the directory is loaded.
+        card: what the model card adds to the components: ``training`` (a mapping of what
+            trained it) and ``metrics`` (its last evaluation), both optional.
 
     Returns:
         ``directory``.
@@ -127,7 +131,11 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         writer.save_tensors(PROJECTORS_FILE, projector_state(model))
         for example in data["examples"]:
             example["media"] = {m: [writer.reference(p) for p in paths] for m, paths in example["media"].items()}
-        AnyGPTConfig.from_dict(data).to_yaml(staging / CONFIG_FILENAME)
+        config = AnyGPTConfig.from_dict(data)
+        config.to_yaml(staging / CONFIG_FILENAME)
+        card = dict(card or {})
+        (staging / MODEL_CARD_FILENAME).write_text(
+            model_card(config.to_dict(), training=card.get("training"), metrics=card.get("metrics")))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -206,6 +206,17 @@ def _all_captions(output_dir: Path) -> list[str]:
     return captions
 
 
+def test_a_trained_stage_writes_a_model_card_with_its_data_and_evaluation(stage2, data):
+    result, _, _, steps = stage2
+    card = (result.model_dir / "README.md").read_text()
+    assert card.startswith("---\npipeline_tag: any-to-any\n")
+    assert "| recipe stage | " not in card and "- recipe stage: 2" in card
+    assert f"- steps: {steps}" in card and data["captions_train"].name in card
+    for name, value in result.metrics.items():
+        assert f"| {name} | {value:.4g} |" in card
+    assert "| decoder/image | stable-diffusion |" in card
+
+
 @pytest.mark.slow
 def test_stage2_writes_checkpoints_logs_and_config(stage2):
     result, _, _, _ = stage2

@@ -135,8 +135,8 @@ def test_save_writes_random_components_whole(saved_tiny, tiny_pipe):
     from anygpt.config import AnyGPTConfig
 
     directory, reloaded = saved_tiny
-    assert {p.name for p in directory.iterdir()} == {"anygpt_config.yaml", "projectors.safetensors", "llm",
-                                                     "encoder.safetensors", "decoders"}
+    assert {p.name for p in directory.iterdir()} == {"anygpt_config.yaml", "README.md", "projectors.safetensors",
+                                                     "llm", "encoder.safetensors", "decoders"}
     assert {p.name for p in directory.parent.iterdir()} == {"tiny"}  # no staging folder left behind
     config = AnyGPTConfig.from_file(directory / "anygpt_config.yaml")
     assert config.llm.pretrained == "llm" and config.llm.arch is None and config.checkpoint is None
