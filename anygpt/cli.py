@@ -336,11 +336,21 @@ def _eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.model, args.data, decode=args.decode, seed=args.seed, max_examples=args.max_examples)
     text = json.dumps(metrics, indent=2, sort_keys=True)
-    print(text)
+    print(_metrics_table(metrics))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
     return 0
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    """``metric  value`` rows, sorted by name, values to four significant digits."""
+    width = max([len("metric"), *map(len, metrics)])
+    rows = [f"{'metric':<{width}}  value"] + [f"{name:<{width}}  {metrics[name]:.4g}" for name in sorted(metrics)]
+    return "\n".join(rows)
 
 
 def _eval_world(args: argparse.Namespace) -> int:

@@ -545,9 +545,11 @@ def test_cli_eval_prints_metrics(stage2, data, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert main(["eval", "--model", str(result.model_dir), "--data", str(data["captions_val"]),
                  "--decode", "1", "--max-examples", "6", "--out", str(out)]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(out.read_text())
-    assert {"caption_loss", "cosine/image", "mse/image", "decode_mse/image"} <= printed.keys()
+    lines = capsys.readouterr().out.splitlines()
+    written = json.loads(out.read_text())
+    assert {"caption_loss", "cosine/image", "mse/image", "decode_mse/image"} <= written.keys()
+    assert lines[0].split() == ["metric", "value"] and lines[-1] == f"wrote {out}"
+    assert [line.split() for line in lines[1:-1]] == [[k, f"{written[k]:.4g}"] for k in sorted(written)]
 
 
 def test_cli_train_reports_config_errors(tmp_path, capsys):
