@@ -196,24 +196,46 @@ class _DirectoryWriter:
         cfg.update(pretrained=folder, arch=None)
 
     def reference(self, value: str) -> str:
-        """How the new directory names a referenced component: a hub id unchanged, a local path
-        made absolute, and a path inside the directory being replaced copied into the new one
-        (replacing the directory would delete it) and kept relative."""
+        """How the new directory names a referenced component.
+
+        A hub id stays as it is. A part of a model directory (this one, which replacing would
+        delete, or another, such as an earlier training stage's) is brought into the new one
+        at the same relative path, hard-linked where the file system allows, so that the
+        directory can be moved or shared on its own. Any other local path (a user's folder or a
+        download cache) is referenced by its absolute path.
+        """
         path = Path(resolve_path(value, self.base_dir))
         if not path.exists():
             return value
         path = path.resolve()
-        if not path.is_relative_to(self.destination):
+        home = self.destination if path.is_relative_to(self.destination) else _model_directory_of(path)
+        if home is None:
             return str(path)
-        relative = path.relative_to(self.destination)
+        relative = path.relative_to(home)
         target = self.staging / relative
         if not target.exists():  # two references (the LLM and its tokenizer) may name one folder
             target.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
-                shutil.copytree(path, target)
+                shutil.copytree(path, target, copy_function=_link_or_copy)
             else:
-                shutil.copy2(path, target)
+                _link_or_copy(path, target)
         return relative.as_posix()
+
+
+def _model_directory_of(path: Path) -> Path | None:
+    """The model directory (a folder holding a config file) that ``path`` lies in, if any."""
+    for folder in path.parents:
+        if (folder / CONFIG_FILENAME).is_file():
+            return folder
+    return None
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link (no extra space), or a copy across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _write_llm_folder(lm: LanguageModel, folder: Path) -> Path:

@@ -421,8 +421,9 @@ def test_projector_only_training_computes_each_examples_signal_states_once(data,
 @pytest.mark.slow
 def test_lora_on_a_referenced_llm_is_saved_as_factors(stage2, data, tmp_path, monkeypatch):
     """Stage 3 from a model directory whose LLM is referenced by path (like a hub LLM or the mini
-    preset's packaged LLM): the new directory keeps referencing it and stores only the LoRA
-    factors, which reload into exactly the merged weights the training run ended with."""
+    preset's packaged LLM): the new directory keeps the LLM's weights as they were (hard-linked
+    from the earlier stage, not rewritten merged) and stores only the LoRA factors, which reload
+    into exactly the merged weights the training run ended with."""
     from safetensors.torch import load_file
 
     from anygpt.alignment import recipe
@@ -441,7 +442,7 @@ def test_lora_on_a_referenced_llm_is_saved_as_factors(stage2, data, tmp_path, mo
     monkeypatch.setattr(recipe, "save_model", keep_merged)
     result = recipe.train(config)
     saved = result.model_dir
-    assert not (saved / "llm").exists()
+    assert (saved / "llm" / "model.safetensors").stat().st_ino == (start / "llm" / "model.safetensors").stat().st_ino
     factors = load_file(str(saved / LLM_LORA_FILE))
     assert {k.rsplit(".", 1)[1] for k in factors} == {"lora_A", "lora_B", "scale"}
     assert any("q_proj" in k for k in factors)
