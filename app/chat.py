@@ -243,6 +243,11 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
         def respond(value, snapshot, session, output_choice, *values):
             session = session or ChatSession()
             message = _user_message(value, [snapshot] if snapshot else [])
+            if not message.text.strip() and not message.files:
+                # Refused in place: no bubble, the box stays as it is, a notice says why.
+                gr.Warning("Type a message or attach a file first.")
+                yield _history(session), gr.MultimodalTextbox(), snapshot, session
+                return
             for history, box, session in stream_turn(session, message, output_choice, *values):
                 yield history, box, None, session
 

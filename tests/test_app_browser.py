@@ -134,3 +134,17 @@ def test_browser_image_request_to_mini_is_answered_with_a_picture(mini_app, tmp_
     assert len(drawn) == 1
     found = {name: d.value for name, d in detect_image(Image.open(drawn[0])).items()}
     (artifacts / "app_mini_world.json").write_text(json.dumps({"asked": "red circle on white", "detected": found}))
+
+
+def test_browser_refuses_an_empty_message_in_place_and_keeps_the_output_choice(ui_url, tmp_path):
+    """Sending an empty box posts nothing; after a turn the chosen output mode is still selected."""
+    artifacts = _artifacts(tmp_path)
+    with _chat_page(ui_url, artifacts, "app_empty") as page:
+        page.get_by_label("image", exact=True).check()
+        page.locator("#message textarea").press("Enter")
+        page.wait_for_timeout(1500)
+        assert page.locator("#chatbot [data-testid='user']").count() == 0
+        _send(page, "Draw a square.", [], "image")
+        page.locator("#chatbot [data-testid='bot'] img").first.wait_for(timeout=60_000)
+        assert page.get_by_label("image", exact=True).is_checked()
+        page.screenshot(path=str(artifacts / "app_empty.png"), full_page=True)
