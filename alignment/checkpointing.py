@@ -227,6 +227,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        # Every process writes its own files (random_states_<rank>.pkl): all must be done before
+        # the main process renames the folder, or a slower rank's file lands nowhere.
+        acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             self.config.to_yaml(tmp / CONFIG_FILE)
