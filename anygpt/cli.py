@@ -334,7 +334,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise AnyGPTError("eval: --data is required to evaluate on a manifest (or run `anygpt eval world`)")
     from anygpt.alignment.evaluate import evaluate
 
-    metrics = evaluate(args.model, args.data, decode=args.decode, seed=args.seed, max_examples=args.max_examples)
+    # Loaded as every other command loads it, so --device, --dtype and --gpu-memory apply.
+    pipe = _load_pipeline(args, progress=False)
+    metrics = evaluate(pipe, args.data, decode=args.decode, seed=args.seed, max_examples=args.max_examples)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(_metrics_table(metrics))
     if args.out is not None:

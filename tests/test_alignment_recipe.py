@@ -553,6 +553,24 @@ def test_cli_eval_prints_metrics(stage2, data, tmp_path, capsys):
     assert [line.split() for line in lines[1:-1]] == [[k, f"{written[k]:.4g}"] for k in sorted(written)]
 
 
+def test_cli_eval_loads_the_model_with_the_model_arguments(stage2, data, monkeypatch, capsys):
+    """--dtype (like --device and --gpu-memory) applies to `anygpt eval` as to every other command."""
+    from anygpt.alignment import evaluate as evaluate_module
+    from anygpt.cli import main
+
+    seen = {}
+
+    def fake(pipe, manifest, **kwargs):
+        seen["dtype"] = pipe.model.lm.dtype
+        return {"caption_loss": 1.0}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake)
+    assert main(["eval", "--model", str(stage2[0].model_dir), "--data", str(data["captions_val"]),
+                 "--dtype", "bfloat16"]) == 0
+    assert seen["dtype"] == torch.bfloat16
+    assert "caption_loss  1" in capsys.readouterr().out
+
+
 def test_cli_train_reports_config_errors(tmp_path, capsys):
     from anygpt.cli import main
 
