@@ -361,8 +361,6 @@ class _Answer:
     def append_run(self, required: Sequence[str]) -> bool:
         """Start feeding the first run of ``required`` the answer lacks; False if none is missing."""
         present = {r.modality for r in self.result.runs}
-        if self.tracker.modality is not None:  # its own run is still being fed
-            return True
         missing = [m for m in required if m not in present]
         if not missing:
             return False
@@ -444,11 +442,11 @@ def _batch_step(answer: _Answer, logits: torch.Tensor, required: Sequence[str]) 
             pass
         if not answer.append_run(required):
             return None
-        if token is None or token in answer.eos or answer.result.stop_reason == "stop_string":
-            # the token that ended the answer is not fed: begin the appended run at once
-            token = answer.next_token(logits)
-            for _ in answer.accept(token):
-                pass
+        # The token that ended the answer (none at the length limit) is not fed: the appended
+        # run begins in its place.
+        token = answer.next_token(logits)
+        for _ in answer.accept(token):
+            pass
     return token
 
 

@@ -25,7 +25,7 @@ from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnyGPTPipeline"]
+__all__ = ["AnyGPTPipeline", "add_messages", "content_parts"]
 
 
 class AnyGPTPipeline:
@@ -488,7 +488,7 @@ def _add_prompt(conversation: Conversation, prompt: str | Sequence[dict], media:
     if isinstance(prompt, str):
         conversation.add_user(prompt, media)
     else:
-        _add_messages(conversation, prompt, media)
+        add_messages(conversation, prompt, media)
 
 
 def _split_media(media: MediaInputs | None, kwargs: dict[str, Any]) -> tuple[dict[str, list], dict[str, Any]]:
@@ -509,11 +509,11 @@ def _add_message(conversation: Conversation, message: str | None, media: Mapping
         raise ConfigError("media were given without a message; pass the message text too")
 
 
-def _add_messages(conversation: Conversation, messages: Sequence[dict], media: Mapping[str, list]) -> None:
+def add_messages(conversation: Conversation, messages: Sequence[dict], media: Mapping[str, list]) -> None:
     """Fill a conversation from chat messages; loose media attach to the last user message.
 
     A message's own media are under each modality's plural name (``"images": [...]``), or in its
-    ``content`` given as typed parts (:func:`_content_parts`).
+    ``content`` given as typed parts (:func:`content_parts`).
     """
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
@@ -527,7 +527,7 @@ def _add_messages(conversation: Conversation, messages: Sequence[dict], media: M
                               f"{', '.join(plurals)}")
         own = {plurals[key]: list(items) for key, items in message.items() if key in plurals}
         if isinstance(content, (list, tuple)):
-            content, parts_media = _content_parts(content, f"messages[{i}].content")
+            content, parts_media = content_parts(content, f"messages[{i}].content")
             for modality, items in parts_media.items():
                 own.setdefault(modality, []).extend(items)
         if i == last_user:
@@ -545,7 +545,7 @@ def _add_messages(conversation: Conversation, messages: Sequence[dict], media: M
             raise ConfigError(f"messages[{i}].role: must be user, assistant or system, got {role!r}")
 
 
-def _content_parts(parts: Sequence[Any], where: str) -> tuple[str, dict[str, list]]:
+def content_parts(parts: Sequence[Any], where: str) -> tuple[str, dict[str, list]]:
     """Typed content parts, as transformers' any-to-any pipeline takes them, as text with a
     ``<image>``-style tag where each item was, and the items by modality.
 

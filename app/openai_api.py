@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from anygpt.errors import AnyGPTError
-from anygpt.modalities import MODALITIES, get_modality
+from anygpt.modalities import get_modality
 from anygpt.types import GenerationOutput, MediaSegment, TextDelta, TextSegment
 
 from anygpt.app.gate import ModelGate, ServerBusyError
@@ -169,8 +169,8 @@ def _suffix(mime: str, modality: str, param: str) -> str:
 
 
 def parse_messages(messages: Any, media: MediaFolder) -> list[dict[str, Any]]:
-    """OpenAI chat messages as the pipeline's messages (media in ``images``/``audios``/``videos``,
-    placed where their parts were with ``<image>``-style markers)."""
+    """OpenAI chat messages as the pipeline's (:func:`anygpt.pipeline.add_messages`): each
+    media part becomes a typed part naming the file it was saved to or points at."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     parsed = []
@@ -183,45 +183,35 @@ def parse_messages(messages: Any, media: MediaFolder) -> list[dict[str, Any]]:
         if role not in ("system", "user", "assistant"):
             raise APIError(400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}",
                            param=f"messages[{i}].role")
-        text, items = _content(message.get("content"), media, f"messages[{i}].content")
-        if items and role != "user":
-            raise APIError(400, f"messages[{i}]: only user messages carry media", param=f"messages[{i}].content")
-        entry: dict[str, Any] = {"role": role, "content": text}
-        for modality, paths in items.items():
-            entry[get_modality(modality).plural] = paths
-        parsed.append(entry)
+        parsed.append({"role": role, "content": _content(message.get("content"), media, f"messages[{i}].content")})
     return parsed
 
 
-def _content(content: Any, media: MediaFolder, param: str) -> tuple[str, dict[str, list[Path]]]:
+def _content(content: Any, media: MediaFolder, param: str) -> str | list[dict[str, Any]]:
     if content is None or isinstance(content, str):
-        return content or "", {}
+        return content or ""
     if not isinstance(content, list):
         raise APIError(400, f"{param} must be a string or a list of parts", param=param)
-    pieces: list[str] = []
-    items: dict[str, list[Path]] = {}
+    parts = []
     for j, part in enumerate(content):
         where = f"{param}[{j}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text":
-            pieces.append(str(part.get("text", "")))
-            continue
-        if kind in MEDIA_PARTS:
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind in MEDIA_PARTS:
             modality, key = MEDIA_PARTS[kind]
             value = part.get(key)
             url = value.get("url") if isinstance(value, Mapping) else value
-            path = media.from_url(url, modality, f"{where}.{key}.url")
+            parts.append({"type": modality, "path": str(media.from_url(url, modality, f"{where}.{key}.url"))})
         elif kind == "input_audio":
             value = part.get("input_audio") or {}
-            modality = "audio"
-            path = media.from_base64(value.get("data", ""), _suffix(f"audio/{value.get('format', 'wav')}",
-                                                                     "audio", where), f"{where}.input_audio.data")
+            suffix = _suffix(f"audio/{value.get('format', 'wav')}", "audio", where)
+            path = media.from_base64(value.get("data", ""), suffix, f"{where}.input_audio.data")
+            parts.append({"type": "audio", "path": str(path)})
         else:
             valid = ", ".join(["text", *MEDIA_PARTS, "input_audio"])
             raise APIError(400, f"{where}: unknown part type {kind!r}; valid: {valid}", param=where)
-        items.setdefault(modality, []).append(path)
-        pieces.append(f"<{modality}>")  # the pipeline places the item here
-    return "\n".join(p for p in pieces if p), items
+    return parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,21 +353,20 @@ class _Completion:
         from contextlib import ExitStack
 
         from anygpt.conversation import Conversation
+        from anygpt.pipeline import add_messages
 
         scratch = Path(self._scratch.name)
         settings = parse_settings(self.body)
         outputs = parse_outputs(self.body, tuple(self.pipe.config.output_modalities))
         messages = parse_messages(self.body.get("messages"), MediaFolder(scratch, self.media_dir))
-        last = messages[-1]
-        if last["role"] != "user":
+        if messages[-1]["role"] != "user":
             raise APIError(400, "the last message must be the user's", param="messages")
         conversation = Conversation(keep_cache=False)
-        _history(conversation, messages[:-1])
-        media = _media_of(last)
+        add_messages(conversation, messages, {})
         self._stack = ExitStack()
         self._stack.enter_context(self.gate.slot())
         self._stack.callback(self._scratch.cleanup)
-        return self.pipe.stream(conversation, last["content"], outputs=outputs, media=media, **settings)
+        return self.pipe.stream(conversation, outputs=outputs, **settings)  # answers the last user turn
 
     def start(self) -> Any:
         """Open the stream and return its first event (request errors raise :class:`APIError`)."""
@@ -412,21 +401,6 @@ class _Completion:
         if self._stack is not None:
             self._stack.close()
             self._stack = None
-
-
-def _media_of(message: Mapping[str, Any]) -> dict[str, list]:
-    return {m: message[get_modality(m).plural] for m in MODALITIES if get_modality(m).plural in message}
-
-
-def _history(conversation: Any, messages: list[dict[str, Any]]) -> None:
-    """The turns before the one to answer."""
-    for message in messages:
-        if message["role"] == "system":
-            conversation.set_system(message["content"])
-        elif message["role"] == "assistant":
-            conversation.add_assistant(message["content"])
-        else:
-            conversation.add_user(message["content"], _media_of(message))
 
 
 def _as_api_error(exc: BaseException) -> BaseException:
