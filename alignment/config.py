@@ -254,11 +254,21 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """Metrics every ``every`` steps to ``trackers`` (``csv``, ``tensorboard``) under
-    ``<output_dir>/logs``; a progress bar on the main process unless ``progress_bar`` is false."""
+    """What a run shows of itself.
+
+    Attributes:
+        every: log the training metrics every this many optimizer steps.
+        trackers: where metrics go, under ``<output_dir>/logs``: ``csv`` (``metrics.csv``) and
+            ``tensorboard`` (event files, through accelerate's tracker; needs
+            ``pip install 'anygpt[train]'``, else skipped with a log message).
+        plots: draw ``<output_dir>/loss.png`` and ``eval.png`` at every checkpoint and at the
+            end (matplotlib, from the ``train`` extra; see :mod:`alignment.plots`).
+        progress_bar: a progress bar on the main process.
+    """
 
     every: int = 10
     trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    plots: bool = True
     progress_bar: bool = True
 
     def validate(self, path: str) -> None:

@@ -7,8 +7,9 @@
 trainable set (:mod:`alignment.trainable`), the examples (:mod:`alignment.data`), the cached
 decoder conditionings (:mod:`alignment.targets`), the loss terms (:mod:`alignment.objective`),
 AdamW with a warmup + decay schedule, and ``accelerate`` for devices, DDP / DeepSpeed, mixed
-precision, gradient accumulation and trackers. Checkpoints are resumable and atomic
-(:mod:`alignment.checkpointing`); the result is a model directory that
+precision, gradient accumulation and trackers (``logs/metrics.csv``, TensorBoard). Checkpoints
+are resumable and atomic (:mod:`alignment.checkpointing`), and each one redraws ``loss.png`` and
+``eval.png`` in the run folder (:mod:`alignment.plots`); the result is a model directory that
 ``AnyGPTPipeline.from_pretrained`` loads.
 """
 
@@ -32,8 +33,9 @@ from anygpt.alignment.config import TrainConfig
 from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
 from anygpt.alignment.optim import WarmupDecay
 from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, MediaTargets
+from anygpt.alignment.plots import MetricHistory, RunPlots
 from anygpt.alignment.targets import TargetCache
-from anygpt.alignment.tracking import build_trackers
+from anygpt.alignment.tracking import METRICS_FILE, build_trackers
 from anygpt.alignment.trainable import TrainableParameters, configure_trainable, merge_into_model
 
 if TYPE_CHECKING:
@@ -110,7 +112,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> T
         state = TrainState(num_processes=accelerator.num_processes)
     if accelerator.is_main_process:
         config.to_yaml(_mkdir(output) / "train_config.yaml")
-    loop = _Loop(config, accelerator, prepared, objective, optimizer, scheduler, trainable, checkpointer)
+    plots = _plots(config, output, accelerator, state.step if resume else None)
+    loop = _Loop(config, accelerator, prepared, objective, optimizer, scheduler, trainable, checkpointer, plots)
     metrics = loop.run(_batches(loader, sampler, accelerator, state.batches), state, data.val)
     card = {"training": _training_summary(config, state.step), "metrics": metrics}
     model_dir = save_model(pipe, trainable, output / MODEL_DIR, accelerator, card=card)
@@ -142,6 +145,17 @@ def _accelerator(config: TrainConfig, output: Path) -> "Accelerator":
         accelerator.init_trackers("alignment", config={"stage": config.stage, "lr": config.optim.lr,
                                                        "batch_size": config.train.batch_size})
     return accelerator
+
+
+def _plots(config: TrainConfig, output: Path, accelerator: "Accelerator", resumed_at: int | None) -> RunPlots | None:
+    """The run's pictures (main process, ``log.plots``); a resumed run's history starts with the
+    metrics its earlier part logged to ``logs/metrics.csv`` up to the checkpoint's step."""
+    if not (config.log.plots and accelerator.is_main_process):
+        return None
+    history = MetricHistory()
+    if resumed_at is not None:
+        history = MetricHistory.from_csv(output / "logs" / METRICS_FILE, up_to=resumed_at)
+    return RunPlots(output, history)
 
 
 def _distributed_without_gpu() -> bool:
@@ -357,9 +371,10 @@ class _Loop:
 
     def __init__(self, config: TrainConfig, accelerator: "Accelerator", prepared: torch.nn.Module,
                  objective: AlignmentObjective, optimizer, scheduler, trainable: TrainableParameters,
-                 checkpointer: Checkpointer):
+                 checkpointer: Checkpointer, plots: RunPlots | None = None):
         self.config, self.acc, self.prepared, self.objective = config, accelerator, prepared, objective
         self.optimizer, self.scheduler, self.trainable, self.checkpointer = optimizer, scheduler, trainable, checkpointer
+        self.plots = plots
         self.params = [p for _, p in trainable.named_parameters()]
 
     def run(self, batches: Iterator[dict], state: TrainState, val: Dataset | None) -> dict[str, float]:
@@ -381,10 +396,23 @@ class _Loop:
                 last_eval = self._evaluate(val, state.step)
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 self.checkpointer.save(state)
+                self._show()
         progress.close()
         if val is not None and not (cfg.eval.every and state.step % cfg.eval.every == 0):
             last_eval = self._evaluate(val, state.step)
+        self._show()
         return last_eval
+
+    def _show(self) -> None:
+        """Make what was logged visible now: flush TensorBoard's events (its writer otherwise
+        waits up to two minutes) and redraw the plots."""
+        if not self.acc.is_main_process:
+            return
+        for tracker in self.acc.trackers or ():
+            if tracker.name == "tensorboard":
+                tracker.tracker.flush()
+        if self.plots is not None:
+            self.plots.write()
 
     def _train_mode(self) -> None:
         self.prepared.train()
@@ -414,6 +442,8 @@ class _Loop:
             values[f"lr/{group.get('name', 'default')}"] = group["lr"]
         values["train/steps_per_s"] = self.config.log.every / max(time.perf_counter() - start, 1e-9)
         acc.log(values, step=state.step)
+        if self.plots is not None:
+            self.plots.history.add(values, state.step)
         progress.set_postfix(loss=f"{values['train/loss']:.4f}")
         logger.info("step %d: %s", state.step, _format(values))
 
@@ -425,6 +455,8 @@ class _Loop:
             metrics = evaluate_objective(self.objective, val, self.config.eval.batch_size,
                                          self.config.eval.max_batches, acc)
             acc.log(metrics, step=step)
+            if self.plots is not None:
+                self.plots.history.add(metrics, step)
             logger.info("eval at step %d: %s", step, _format(metrics))
         acc.wait_for_everyone()
         self._train_mode()

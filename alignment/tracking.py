@@ -52,6 +52,7 @@ class CSVTracker(GeneralTracker):
 
 
 def tensorboard_available() -> bool:
+    """Whether accelerate's TensorBoard tracker can run (``tensorboard`` or ``tensorboardX``)."""
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
@@ -67,5 +68,5 @@ def build_trackers(names: Sequence[str], logging_dir: Path) -> list:
                 trackers.append("tensorboard")
             else:
                 logger.info("tensorboard is not installed: metrics go to %s only "
-                            "(pip install tensorboard to get TensorBoard logs)", logging_dir / METRICS_FILE)
+                            "(pip install 'anygpt[train]' to get TensorBoard logs)", logging_dir / METRICS_FILE)
     return trackers

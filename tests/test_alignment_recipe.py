@@ -124,11 +124,19 @@ def test_missing_config_file_lists_the_shipped_ones(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stage2(data, tmp_path_factory):
+def plot_calls() -> list[tuple[int, dict[str, bytes]]]:
+    """(last logged step, {file name: PNG bytes}) of each time the stage-2 run drew its plots."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def stage2(data, tmp_path_factory, plot_calls):
     """Train stage 2 once (with weight decay on, to show it never touches frozen rows) while
-    counting text-encoder calls; returns (result, before metrics, encode_text calls, steps)."""
+    counting text-encoder calls and recording the plots it draws (``plot_calls``); returns
+    (result, before metrics, encode_text calls, steps)."""
     from anygpt.alignment.evaluate import conditioning_report
     from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.plots import RunPlots
     from anygpt.alignment.recipe import train
     from anygpt.decoders.base import Decoder
 
@@ -140,14 +148,22 @@ def stage2(data, tmp_path_factory):
         calls.append(len(captions))
         return original(self, captions)
 
+    write = RunPlots.write
+
+    def recording(self):
+        written = write(self)
+        plot_calls.append((max(self.history.series("train/loss")[0], default=0),
+                           {p.name: p.read_bytes() for p in written}))
+        return written
+
     steps = 100
     config = _config(2, tmp_path_factory.mktemp("stage2"), data, f"train.max_steps={steps}", "optim.lr=1e-2",
                      "optim.group_lr={}", "optim.weight_decay=0.1", "eval.every=50", "checkpoint.every=50")
-    Decoder.encode_text = counting
+    Decoder.encode_text, RunPlots.write = counting, recording
     try:
         result = train(config)
     finally:
-        Decoder.encode_text = original
+        Decoder.encode_text, RunPlots.write = original, write
     return result, before, calls, steps
 
 
@@ -231,6 +247,41 @@ def test_stage2_writes_checkpoints_logs_and_config(stage2):
     assert rows[0] == "step,metric,value,time"
     assert any(",eval/condition_cosine/image," in row for row in rows)
     assert load_train_config(output / "train_config.yaml").stage == 2
+
+
+def test_each_checkpoint_draws_the_loss_and_eval_plots(stage2, plot_calls):
+    from PIL import Image
+
+    from anygpt.alignment.plots import EVAL_PLOT, LOSS_PLOT
+
+    output = stage2[0].model_dir.parent
+    drawn = dict(plot_calls)  # checkpoints at steps 50 and 100, then the end of the run
+    assert {50, 100} <= drawn.keys()
+    for step in (50, 100):
+        assert set(drawn[step]) == {LOSS_PLOT, EVAL_PLOT}
+        assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in drawn[step].values())
+    assert drawn[50][LOSS_PLOT] != drawn[100][LOSS_PLOT]  # redrawn with the new steps
+    for name in (LOSS_PLOT, EVAL_PLOT):
+        with Image.open(output / name) as image:
+            image.verify()
+    assert not list(output.glob(".*.tmp"))  # written atomically: no temporary file left
+
+
+def test_tensorboard_events_hold_the_logged_scalars(stage2):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = stage2[0].model_dir.parent
+    run = output / "logs" / "alignment"  # accelerate's TensorBoardTracker: <logging_dir>/<project name>
+    assert list(run.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert {"train/loss", "eval/condition_cosine/image"} <= set(events.Tags()["scalars"])
+    logged = {int(step): float(value) for step, metric, value, _ in
+              (row.split(",") for row in (output / "logs" / "metrics.csv").read_text().splitlines()[1:])
+              if metric == "train/loss"}
+    scalars = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert scalars.keys() == logged.keys() == set(range(10, 101, 10))
+    assert scalars == pytest.approx(logged, rel=1e-5)  # the CSV keeps six significant digits
 
 
 def test_stage2_denoising_loss_trains_the_image_projector(data, tmp_path):

@@ -27,3 +27,8 @@ def test_every_name_in_all_imports_from_the_package():
         assert getattr(anygpt, name) is not None, name
     code = "from anygpt import TextDelta, MediaStarted, MediaSegment, TextSegment"
     assert _loaded_after(code, ("torch", "diffusers", "gradio")) == []
+
+
+def test_the_training_recipe_loads_plotting_and_tensorboard_only_when_it_draws_or_logs():
+    code = "import anygpt.alignment.recipe, anygpt.alignment.plots, anygpt.alignment.tracking"
+    assert _loaded_after(code, ("matplotlib", "tensorboard", "torch.utils.tensorboard")) == []
