@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from anygpt.errors import (
     AnyGPTError,
+    Cancelled,
     CheckpointError,
     ConfigError,
     ContextLengthError,
@@ -29,8 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnyGPTPipeline", "AnyGPTConfig", "Conversation", "GenerationOutput", "Audio", "Video",
-    "TextSegment", "MediaSegment", "TextDelta", "MediaStarted",
-    "AnyGPTError", "CheckpointError", "ConfigError", "ContextLengthError", "MediaError", "UnknownNameError",
+    "TextSegment", "MediaSegment", "TextDelta", "MediaStarted", "DecodeProgress",
+    "AnyGPTError", "Cancelled", "CheckpointError", "ConfigError", "ContextLengthError", "MediaError", "UnknownNameError",
     "WeightsNotFoundError", "list_presets", "save_output",
 ]
 
@@ -46,6 +47,7 @@ _LAZY = {
     "MediaSegment": "anygpt.types",
     "TextDelta": "anygpt.types",
     "MediaStarted": "anygpt.types",
+    "DecodeProgress": "anygpt.types",
     "save_output": "anygpt.export",
 }
 
@@ -54,7 +56,8 @@ if TYPE_CHECKING:
     from anygpt.conversation import Conversation
     from anygpt.export import save_output
     from anygpt.pipeline import AnyGPTPipeline
-    from anygpt.types import Audio, GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment, Video
+    from anygpt.types import (Audio, DecodeProgress, GenerationOutput, MediaSegment, MediaStarted, TextDelta,
+                              TextSegment, Video)
 
 
 def __getattr__(name: str) -> Any:

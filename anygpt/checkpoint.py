@@ -11,13 +11,16 @@ A model directory holds ``anygpt_config.yaml`` plus the weights that cannot be f
 * ``encoder.safetensors``, ``decoders/<modality>/`` — whole components, written only when they
   were randomly initialised and so exist nowhere else.
 
-:func:`save_model_directory` is the one writer of all of these.
+:func:`save_model_directory` is the one writer of all of these. On the Hugging Face hub a model
+directory is a model repository: :func:`upload_model_directory` pushes one, and
+:func:`download_model_directory` brings one (or finds it in the hub's local cache).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from anygpt import nextgpt
 from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, EncoderConfig, LLMConfig
 from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
-from anygpt.errors import ConfigError, WeightsNotFoundError
+from anygpt.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source, hf_config_for_arch
 from anygpt.model_card import MODEL_CARD_FILENAME, model_card
 from anygpt.paths import resolve_path
@@ -43,7 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_model_directory", "load_weights", "load_checkpoint", "load_nextgpt_state", "read_nextgpt_file",
+__all__ = ["save_model_directory", "download_model_directory", "upload_model_directory", "outside_references",
+           "load_weights", "load_checkpoint", "load_nextgpt_state", "read_nextgpt_file",
            "check_nextgpt_checkpoint", "check_nextgpt_state", "expected_nextgpt_layout", "encoder_width", "check_replaceable", "merge_lora",
            "stack_lora", "LoraFactors", "PROJECTORS_FILE", "ADDED_TOKENS_FILE", "LLM_LORA_FILE"]
 
@@ -105,7 +109,8 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
             written whole), they are written instead (megabytes, not the whole LLM) and merged
             again when the directory is loaded.
         card: what the model card adds to the components: ``training`` (a mapping of what
-            trained it) and ``metrics`` (its last evaluation), both optional.
+            trained it), ``metrics`` (its last evaluation) and ``repo_id`` (the hub repository it
+            is pushed to), all optional.
 
     Returns:
         ``directory``.
@@ -135,7 +140,8 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         config.to_yaml(staging / CONFIG_FILENAME)
         card = dict(card or {})
         (staging / MODEL_CARD_FILENAME).write_text(
-            model_card(config.to_dict(), training=card.get("training"), metrics=card.get("metrics")))
+            model_card(config.to_dict(), training=card.get("training"), metrics=card.get("metrics"),
+                       repo_id=card.get("repo_id")))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -204,10 +210,9 @@ class _DirectoryWriter:
         directory can be moved or shared on its own. Any other local path (a user's folder or a
         download cache) is referenced by its absolute path.
         """
-        path = Path(resolve_path(value, self.base_dir))
-        if not path.exists():
+        if not Path(resolve_path(value, self.base_dir)).exists():
             return value
-        path = path.resolve()
+        path = _absolute(value, self.base_dir)
         home = self.destination if path.is_relative_to(self.destination) else _model_directory_of(path)
         if home is None:
             return str(path)
@@ -222,6 +227,19 @@ class _DirectoryWriter:
         return relative.as_posix()
 
 
+def _absolute(value: str, base_dir: Path | None) -> Path:
+    """The absolute path ``value`` names, with symbolic links kept as they are.
+
+    A file of a hub download is a link from ``snapshots/<commit>/`` to the cache's ``blobs/``:
+    followed, it would no longer lie in its model directory, and a folder saved from a
+    downloaded model would name the cache by absolute path instead of holding the file.
+    """
+    path = Path(resolve_path(value, None))  # {cache} and ~ expanded; a relative value stays relative
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return Path(os.path.abspath(path))
+
+
 def _model_directory_of(path: Path) -> Path | None:
     """The model directory (a folder holding a config file) that ``path`` lies in, if any."""
     for folder in path.parents:
@@ -231,7 +249,11 @@ def _model_directory_of(path: Path) -> Path | None:
 
 
 def _link_or_copy(source: str | Path, target: str | Path) -> None:
-    """A hard link (no extra space), or a copy across file systems."""
+    """A hard link (no extra space), or a copy across file systems.
+
+    A symbolic link (a file of a hub download) is followed: the new file is its target's.
+    """
+    source = os.path.realpath(source)  # os.link itself links the symbolic link on Linux
     try:
         os.link(source, target)
     except OSError:
@@ -280,6 +302,177 @@ def _move_into_place(staging: Path, directory: Path) -> None:
     staging.rename(directory)
     if old is not None:
         shutil.rmtree(old)
+
+
+# The Hugging Face hub -----------------------------------------------------------------------------
+
+#: The commit message of an upload that names none (as diffusers' ``Upload {class}``).
+DEFAULT_COMMIT_MESSAGE = "Upload AnyGPT model"
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def outside_references(directory: Path) -> list[str]:
+    """The local paths the model directory's config names outside the directory itself.
+
+    Such a directory loads here but nowhere else: uploaded or copied, those files stay behind.
+    Hub ids and the directory's own relative paths are fine.
+    """
+    config = AnyGPTConfig.from_file(directory / CONFIG_FILENAME)
+    values = [config.encoder.pretrained, config.llm.pretrained, config.llm.tokenizer, config.checkpoint]
+    values += [m.decoder.pretrained for m in config.modalities.values() if m.decoder is not None]
+    values += [p for example in config.examples for paths in example.media.values() for p in paths]
+    home = directory.resolve()
+    outside = []
+    for value in (v for v in values if v):
+        resolved = resolve_path(value, directory)
+        if resolved == value and not os.path.isabs(value):
+            continue  # a hub id (or a name such as imagebind_huge or byte-level)
+        if not Path(os.path.abspath(resolved)).is_relative_to(home):
+            outside.append(value)
+    return outside
+
+
+def upload_model_directory(directory: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                           token: str | bool | None = None, commit_message: str | None = None,
+                           create_pr: bool = False) -> str:
+    """Upload a model directory to the hub repository ``repo_id``, created if it does not exist.
+
+    The calls are ``huggingface_hub``'s ``HfApi.create_repo(exist_ok=True)`` and
+    ``HfApi.upload_folder``, as diffusers' and transformers' ``push_to_hub`` make them.
+
+    Args:
+        directory: a model directory (:func:`save_model_directory`).
+        repo_id: ``owner/name``, or ``name`` in the namespace of the token's user.
+        private: whether a repository created here is private (None: the hub's default); an
+            existing repository keeps its visibility.
+        token: a hub token; None uses the one ``hf auth login`` stored or ``HF_TOKEN``.
+        commit_message: the commit's message (default :data:`DEFAULT_COMMIT_MESSAGE`).
+        create_pr: open a pull request rather than committing to the main branch.
+
+    Returns:
+        the URL of the commit (or pull request).
+
+    Raises:
+        ConfigError: ``directory`` is not a model directory, or its config names local files
+            outside it, which the upload would leave behind.
+        CheckpointError: the hub refused the upload or could not be reached.
+    """
+    directory = Path(directory)
+    if not (directory / CONFIG_FILENAME).is_file():
+        raise ConfigError(f"{directory}: not a model directory (no {CONFIG_FILENAME}); write one with "
+                          f"AnyGPTPipeline.save_pretrained before uploading it")
+    outside = outside_references(directory)
+    if outside:
+        raise ConfigError(f"{directory}: its {CONFIG_FILENAME} names local files outside the folder "
+                          f"({', '.join(map(repr, outside))}), which an upload would leave behind, so it would not "
+                          f"load anywhere else; save the components into a model directory first, or point "
+                          f"the config at their hub ids")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token, library_name="anygpt")
+    try:
+        resolved = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+        if resolved != repo_id:  # `name` became `user/name`: the card's snippet names the full id
+            card = directory / MODEL_CARD_FILENAME
+            if card.is_file():
+                card.write_text(card.read_text().replace(f'from_pretrained("{repo_id}")',
+                                                         f'from_pretrained("{resolved}")'))
+        info = api.upload_folder(repo_id=resolved, folder_path=directory, token=token,
+                                 commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, create_pr=create_pr)
+    except Exception as exc:  # hub errors vary (no token, no permission, offline, network); all mean "not uploaded"
+        raise CheckpointError(
+            f"could not upload {directory} to the Hugging Face hub repository {repo_id!r}: "
+            f"{type(exc).__name__}: {_first_line(exc)}; log in (`hf auth login`) or pass token=, check that "
+            f"the token may write to {repo_id!r}, and that the hub is reachable (HF_HUB_OFFLINE unset). "
+            f"The folder itself is saved and complete") from exc
+    logger.info("uploaded %s to the hub repository %s", directory, resolved)
+    return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info)
+
+
+def download_model_directory(repo_id: str, *, valid_names: "list[str] | tuple[str, ...]" = (),
+                             revision: str | None = None, token: str | bool | None = None,
+                             cache_dir: str | os.PathLike | None = None,
+                             local_files_only: bool = False) -> Path:
+    """The folder of the model repository ``repo_id``, downloaded with ``huggingface_hub``'s
+    ``snapshot_download`` or found in its local cache.
+
+    Its ``anygpt_config.yaml`` is fetched first, so that a repository that is no AnyGPT model
+    is refused before anything large is downloaded; the rest comes from the same commit.
+    ``HF_HUB_OFFLINE=1`` (or ``local_files_only``) reads the cache only.
+
+    Args:
+        repo_id: ``owner/name``.
+        valid_names: the preset names, listed when nothing can be found (the name may be a typo).
+        revision: a branch, tag or commit (default: the main branch).
+        token: a hub token, for private or gated repositories.
+        cache_dir: the hub cache (default: ``HF_HUB_CACHE``, ``~/.cache/huggingface/hub``).
+        local_files_only: never reach the hub.
+
+    Raises:
+        WeightsNotFoundError: the repository or revision is not on the hub, it needs a token, or
+            the hub cannot be reached and the cache does not hold it.
+        ConfigError: the repository holds no ``anygpt_config.yaml``.
+    """
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    kwargs: dict[str, Any] = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  library_name="anygpt")
+    presets = f"the presets are {', '.join(sorted(valid_names))}; " if valid_names else ""
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        config_file = Path(hf_hub_download(repo_id, CONFIG_FILENAME, revision=revision, **kwargs))
+        commit = config_file.parent.name
+        folder = Path(snapshot_download(repo_id, revision=commit if _COMMIT_HASH.fullmatch(commit) else revision,
+                                        **kwargs))
+    except LocalEntryNotFoundError as exc:
+        if _cached_snapshot(repo_id, revision, cache_dir) is not None:
+            raise ConfigError(f"the cached copy of hub repository {where} holds no {CONFIG_FILENAME}, so it is not "
+                              f"an AnyGPT model directory (or the copy is incomplete: download it again with "
+                              f"network access); give the id of one pushed with save_pretrained(push_to_hub=True), "
+                              f"or the path of a model directory") from exc
+        offline = local_files_only or constants.HF_HUB_OFFLINE
+        reason, fix = (("the hub is not reached (HF_HUB_OFFLINE=1 or local_files_only)",
+                        "download it once with network access (unset HF_HUB_OFFLINE)") if offline else
+                       ("the hub could not be reached", "check the network connection (and HF_ENDPOINT)"))
+        cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
+        raise WeightsNotFoundError(
+            f"{where} is not a preset, nor a local folder, nor in the Hugging Face cache {cache}, and {reason}; "
+            f"{presets}check the name, give the path of a model directory, or {fix}") from exc
+    except RevisionNotFoundError as exc:
+        raise WeightsNotFoundError(f"hub repository {repo_id!r} has no revision {revision!r}; give an existing "
+                                   f"branch, tag or commit, or leave revision unset for the main branch") from exc
+    except RepositoryNotFoundError as exc:  # GatedRepoError too: the hub answers 401/403 alike
+        gated = isinstance(exc, GatedRepoError)
+        raise WeightsNotFoundError(
+            f"{where} is not a preset, nor a local folder, and the Hugging Face hub "
+            f"{'holds it gated' if gated else 'has no such repository (or it is private)'}; {presets}check the "
+            f"name, give the path of a model directory, or, for a private or gated repository, log in "
+            f"(`hf auth login`) or pass token=") from exc
+    except EntryNotFoundError as exc:
+        raise ConfigError(f"hub repository {where} holds no {CONFIG_FILENAME}, so it is not an AnyGPT model "
+                          f"directory; give the id of one (pushed with save_pretrained(push_to_hub=True)), or "
+                          f"build a config that names this repository as a component") from exc
+    except Exception as exc:  # other hub errors (network, server): all mean "not here"
+        raise WeightsNotFoundError(f"could not download {where} from the Hugging Face hub "
+                                   f"({type(exc).__name__}: {_first_line(exc)}); check the network and the name, "
+                                   f"or give the path of a model directory") from exc
+    return folder
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` at ``revision``, if the hub cache holds one."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except Exception:  # not cached (or unreadable): there is nothing to tell
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 # Loading ----------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--model", dest="model", default="mini",
-                        help="preset name, model directory or config .yaml (default: mini)")
+                        help="preset name, model directory, config .yaml or hub id owner/name (default: mini)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="LLM/encoder dtype (default: float16 on CUDA, float32 on CPU)")

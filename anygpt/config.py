@@ -498,7 +498,9 @@ def preset_file(name: str) -> Path:
     for path in (PRESET_DIR / name / CONFIG_FILENAME, PRESET_DIR / f"{name}.yaml"):
         if "/" not in name and path.is_file():
             return path
-    raise UnknownNameError("preset", name, list_presets(), hint="Or pass a model directory or a .yaml config path")
+    raise UnknownNameError("preset", name, list_presets(),
+                           hint="Or pass a model directory, a .yaml config path, or the hub id (owner/name) "
+                                "of a model directory on the Hugging Face hub")
 
 
 # A strict dict → dataclass builder: errors name the dotted field path and what was expected.

@@ -15,6 +15,7 @@ __all__ = [
     "ContextLengthError",
     "WeightsNotFoundError",
     "CheckpointError",
+    "Cancelled",
 ]
 
 
@@ -62,3 +63,9 @@ class CheckpointError(AnyGPTError, OSError):
     The message names the file or folder and says what to do: free space, choose another
     ``output_dir``, or resume from the newest earlier checkpoint that loads.
     """
+
+
+class Cancelled(Exception):
+    """Raised by a generation call whose ``cancel`` event was set: it stopped at the next token
+    or denoising step. Not an :class:`AnyGPTError`, as nothing went wrong; a conversation the
+    call was answering is left as it was before the call."""

@@ -22,6 +22,7 @@ from typing import Any, Generator, Hashable, Sequence
 import torch
 
 from anygpt.config import SamplingSettings
+from anygpt.errors import Cancelled
 from anygpt.llm import LanguageModel, cache_argument
 from anygpt.seeding import fresh_seed
 
@@ -206,6 +207,7 @@ def generate_stream(
     *,
     position_keys: Sequence[Hashable] | None = None,
     reuse: PromptCache | None = None,
+    cancel: Any = None,
 ) -> Generator[str, None, LLMResult]:
     """Decode an answer, yielding text deltas as they become final.
 
@@ -220,6 +222,8 @@ def generate_stream(
         reuse: the previous turn's :attr:`LLMResult.cache`. Its positions that match the
             prompt's leading keys are kept and only the rest is prefilled; it is modified in
             place, so it must not be used again.
+        cancel: a ``threading.Event`` (anything with ``is_set()``) checked before each token;
+            once set, :class:`~anygpt.errors.Cancelled` is raised there.
 
     Yields:
         Text deltas (signal tokens excluded; held back while they could begin a stop string).
@@ -243,6 +247,7 @@ def generate_stream(
         result.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         while True:
+            _check_cancel(cancel, answer.result)
             token = answer.next_token(logits)
             if token is not None:
                 yield from answer.accept(token)
@@ -377,6 +382,7 @@ def generate_batch(
     required: Sequence[str] = (),
     *,
     seeds: Sequence[int | None] | None = None,
+    cancel: Any = None,
 ) -> list[LLMResult]:
     """Decode several answers as one left-padded batch: one LLM call per step for all of them.
 
@@ -394,6 +400,7 @@ def generate_batch(
         settings: sampling settings shared by all answers (``settings.seed`` is not used).
         required: modalities every answer must contain.
         seeds: one seed per answer; None (or a None entry) draws a fresh one.
+        cancel: as for :func:`generate_stream`, checked before each step.
 
     Returns:
         One :class:`LLMResult` per prompt, in order; ``prefill_s`` and ``decode_s`` are the
@@ -412,6 +419,7 @@ def generate_batch(
         cache, logits = batch.prefill(model)
         prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
         while True:
+            _check_cancel(cancel, answers[0].result)
             tokens = [_batch_step(answer, logits[i:i + 1], required) for i, answer in enumerate(answers)]
             for i, (answer, token) in enumerate(zip(answers, tokens)):
                 batch.keep(i, len(answer.result.token_ids) - (token is not None))
@@ -581,6 +589,11 @@ def generate(lm: LanguageModel, inputs_embeds: torch.Tensor, prompt_ids: torch.T
             next(stream)
         except StopIteration as stop:
             return stop.value
+
+
+def _check_cancel(cancel: Any, result: LLMResult) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"the answer was stopped after {len(result.token_ids)} tokens")
 
 
 def _add_text(result: LLMResult, delta: str) -> None:

@@ -36,21 +36,25 @@ def _components(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def model_card(config: Mapping[str, Any], *, training: Mapping[str, Any] | None = None,
-               metrics: Mapping[str, float] | None = None) -> str:
+               metrics: Mapping[str, float] | None = None, repo_id: str | None = None) -> str:
     """The card's Markdown, with a YAML header Hugging Face reads (``pipeline_tag: any-to-any``).
 
     Args:
         config: the directory's config, as ``AnyGPTConfig.to_dict()`` gives it.
         training: what trained it (e.g. ``{"stage": ..., "data": [...], "steps": ...}``), if known.
         metrics: its last evaluation (name → value), if any.
+        repo_id: the hub repository (``owner/name``) the folder is pushed to, if any: the
+            snippet then loads it by that id.
     """
     name = config.get("name") or "anygpt-model"
     lines = ["---", "pipeline_tag: any-to-any", "library_name: anygpt",
              "tags: [anygpt, any-to-any, multimodal]", "---", "", f"# {name}", ""]
     if config.get("description"):
         lines += [config["description"].strip(), ""]
+    load = (f'pipe = AnyGPTPipeline.from_pretrained("{repo_id}")  # or the path of a copy of this folder'
+            if repo_id else 'pipe = AnyGPTPipeline.from_pretrained("path/to/this/folder")')
     lines += ["An AnyGPT model directory. Load it with:", "", "```python", "from anygpt import AnyGPTPipeline",
-              "", 'pipe = AnyGPTPipeline.from_pretrained("path/to/this/folder")', "```", "",
+              "", load, "```", "",
               "## Components", "", "| part | kind | source |", "|---|---|---|"]
     lines += [f"| {part} | {kind} | {source} |" for part, kind, source in _components(config)]
     lines += ["", "Paths are relative to this folder; hub ids are downloaded on first use.", "",

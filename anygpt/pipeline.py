@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from anygpt.config import CONFIG_FILENAME, DECODE_OPTIONS, AnyGPTConfig, SamplingSettings, preset_file
+from anygpt.config import CONFIG_FILENAME, DECODE_OPTIONS, AnyGPTConfig, SamplingSettings, list_presets, preset_file
 from anygpt.conversation import Conversation, MediaInputs
 from anygpt.llm import PromptInputs
 from anygpt.errors import ConfigError, UnknownNameError
@@ -21,11 +23,15 @@ from anygpt.generation import LLMResult, SignalRun, generate_batch, generate_str
 from anygpt.modalities import MODALITIES, get_modality
 from anygpt.model import AnyGPTModel, decoder_config
 from anygpt.options import check_options
-from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment
+from anygpt.paths import looks_like_path
+from anygpt.types import DecodeProgress, GenerationOutput, MediaSegment, MediaStarted, TextDelta, TextSegment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnyGPTPipeline", "add_messages", "content_parts"]
+__all__ = ["AnyGPTPipeline", "add_messages", "content_parts", "ProgressCallback"]
+
+#: ``on_progress`` of the generation calls: called after each denoising step of a decoder.
+ProgressCallback = Callable[[DecodeProgress], None]
 
 
 class AnyGPTPipeline:
@@ -56,24 +62,41 @@ class AnyGPTPipeline:
     # Construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, memory: str | int | None = None) -> "AnyGPTPipeline":
+                        dtype: torch.dtype | None = None, memory: str | int | None = None, *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False) -> "AnyGPTPipeline":
         """Load a preset (``tiny``, ``mini``, ``nextgpt-7b``), a directory written by
-        :meth:`save_pretrained`, or a YAML config file.
+        :meth:`save_pretrained`, a YAML config file, or the hub id (``owner/name``) of a model
+        directory on the Hugging Face hub (pushed with ``save_pretrained(push_to_hub=True)``).
+
+        A hub id is downloaded with ``huggingface_hub.snapshot_download`` into the hub's cache
+        (or found there: ``HF_HUB_OFFLINE=1`` reads the cache only), then loaded as a local
+        directory. A local path of the same name wins.
 
         Args:
             memory: a GPU memory budget (``"24GB"``, ``"12GB"``): the components are placed by
                 the cheapest :func:`~anygpt.memory.plan_memory` plan that fits it (decoders
                 offloaded to the CPU between uses, the LLM split by layers…), on ``device``
                 (default ``cuda``). Needs a CUDA device.
+            revision: of a hub id: a branch, tag or commit (default: the main branch).
+            token: of a hub id: a hub token, for private or gated repositories (default: the one
+                ``hf auth login`` stored, or ``HF_TOKEN``).
+            cache_dir: of a hub id: the hub cache (default: ``HF_HUB_CACHE``).
+            local_files_only: of a hub id: read the cache only, as ``HF_HUB_OFFLINE=1`` does.
 
         Raises:
-            UnknownNameError: ``name_or_path`` is neither a preset nor an existing path.
-            WeightsNotFoundError: a component's weights cannot be found.
-            ConfigError: ``memory`` without a CUDA device, or a budget no plan fits.
+            UnknownNameError: ``name_or_path`` is neither a preset, an existing path nor a hub id.
+            WeightsNotFoundError: a component's weights cannot be found, or the hub id cannot be
+                had (not on the hub, needs a token, or offline and not cached); the message lists
+                the presets.
+            ConfigError: ``memory`` without a CUDA device, or a budget no plan fits; a folder or
+                hub repository without ``anygpt_config.yaml``.
         """
         from anygpt.checkpoint import load_weights
 
-        config, base_dir = resolve_config(name_or_path)
+        config, base_dir = resolve_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir,
+                                          local_files_only=local_files_only)
         model = AnyGPTModel.from_config(config, base_dir=base_dir)
         load_weights(model, base_dir)
         if config.llm.quantization is not None:
@@ -105,15 +128,75 @@ class AnyGPTPipeline:
         memory_plans.apply_plan(self, plan, device)
         self.memory_plan = plan
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write a self-contained model directory that :meth:`from_pretrained` reloads exactly."""
+    def save_pretrained(self, directory: str | os.PathLike, *, push_to_hub: bool = False,
+                        repo_id: str | None = None, private: bool | None = None, token: str | bool | None = None,
+                        commit_message: str | None = None, create_pr: bool = False) -> Path:
+        """Write a self-contained model directory that :meth:`from_pretrained` reloads exactly,
+        with its model card (``README.md``); with ``push_to_hub``, upload it to the Hugging Face
+        hub too, as diffusers' and transformers' ``save_pretrained(push_to_hub=True)`` do.
+
+        Args:
+            directory: where to write it (an existing model directory there is replaced).
+            push_to_hub: then upload the folder to the hub repository ``repo_id`` (created if it
+                does not exist), from where ``from_pretrained(repo_id)`` loads it.
+            repo_id: ``owner/name`` (default: the directory's name, in the namespace of the
+                token's user).
+            private: whether a repository created here is private (None: the hub's default).
+            token: a hub token (default: the one ``hf auth login`` stored, or ``HF_TOKEN``).
+            commit_message: the commit's message (default ``Upload AnyGPT model``).
+            create_pr: open a pull request rather than committing to the main branch.
+
+        Returns:
+            ``directory``.
+
+        Raises:
+            ConfigError: ``directory`` holds something else than a model directory; with
+                ``push_to_hub``, the config names local files outside the folder (the upload
+                would leave them behind). Nothing is uploaded then.
+            CheckpointError: the upload failed (no token, no permission, the hub unreachable);
+                the folder is saved all the same.
+        """
+        from anygpt.checkpoint import upload_model_directory
+
+        directory = Path(directory)
+        if not push_to_hub:
+            return self._save(directory)
+        repo_id = repo_id or directory.resolve().name
+        folder = self._save(directory, repo_id)
+        upload_model_directory(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                               create_pr=create_pr)
+        return folder
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None, create_pr: bool = False) -> str:
+        """Save the model into a temporary folder and upload it to the hub repository
+        ``repo_id`` (as :meth:`save_pretrained` with ``push_to_hub=True``, keeping no local copy).
+
+        Returns:
+            the URL of the commit (or pull request).
+
+        Raises:
+            ConfigError, CheckpointError: as :meth:`save_pretrained`.
+        """
+        import tempfile
+
+        from anygpt.checkpoint import upload_model_directory
+
+        with tempfile.TemporaryDirectory(prefix="anygpt-push-") as tmp:
+            folder = self._save(Path(tmp) / repo_id.rsplit("/", 1)[-1], repo_id)
+            return upload_model_directory(folder, repo_id, private=private, token=token,
+                                          commit_message=commit_message, create_pr=create_pr)
+
+    def _save(self, directory: Path, repo_id: str | None = None) -> Path:
+        """Write the model directory; its card names ``repo_id`` when it is to be pushed there."""
         from anygpt.checkpoint import save_model_directory
 
         # Only decoders built from `arch` exist nowhere else; pretrained ones stay references
         # (and are not loaded just to be saved).
         decoders = {m: self.decoder(m) for m in self.config.output_modalities
                     if self.config.modalities[m].decoder.pretrained is None}
-        return save_model_directory(self.model, Path(directory), decoders=decoders, base_dir=self.base_dir)
+        return save_model_directory(self.model, directory, decoders=decoders, base_dir=self.base_dir,
+                                    card={"repo_id": repo_id} if repo_id else None)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AnyGPTPipeline":
         """Move the model (and loaded decoders) to ``device``; ``dtype`` applies to the LLM,
@@ -174,6 +257,7 @@ class AnyGPTPipeline:
     # Generation -----------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[dict] | Sequence[str | Sequence[dict]], *,
                  outputs: Sequence[str] = (), media: MediaInputs | Sequence[MediaInputs | None] | None = None,
+                 on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
                  **kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
         """Answer one message (or a list of chat messages), or a batch of them.
 
@@ -185,6 +269,13 @@ class AnyGPTPipeline:
             outputs: modalities the answer must contain (their signal run is completed or appended).
             media: media by modality name (``{"image": [path, ...]}``), attached to the (last)
                 user message; file paths or loaded values (PIL images, ``Audio``, ``Video``).
+            on_progress: called after each denoising step of a decoder with a
+                :class:`~anygpt.types.DecodeProgress` (``label`` such as ``image 1/2``, ``step``,
+                ``steps``, ``elapsed_s``, ``eta_s``; ``describe()`` gives one line), e.g. to show
+                progress in a UI.
+            cancel: a ``threading.Event`` another thread may set to stop: it is checked before
+                each LLM token and after each denoising step, and the call then raises
+                :class:`~anygpt.errors.Cancelled` (a conversation is left as it was).
             **kwargs: media by each modality's plural name (``images=``, ``audios=``,
                 ``videos=``), and settings: the LLM's (:data:`~anygpt.config.SAMPLING_OPTIONS`: ``max_new_tokens``,
                 ``temperature``, ``top_p``, ``top_k``, ``do_sample``, ``repetition_penalty``,
@@ -192,14 +283,15 @@ class AnyGPTPipeline:
                 ``guidance``, ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``).
         """
         if _is_batch(prompt):
-            return self.batch(prompt, outputs=outputs, media=media, **kwargs)
+            return self.batch(prompt, outputs=outputs, media=media, on_progress=on_progress, cancel=cancel, **kwargs)
         media, settings = _split_media(media, kwargs)
         conversation = Conversation()
         _add_prompt(conversation, prompt, media)
-        return self._run(conversation, outputs, settings)
+        return self._run(conversation, outputs, settings, on_progress, cancel)
 
     def batch(self, prompts: Sequence[str | Sequence[dict]], *, outputs: Sequence[str] = (),
-              media: Sequence[MediaInputs | None] | None = None, **kwargs: Any) -> list[GenerationOutput]:
+              media: Sequence[MediaInputs | None] | None = None, on_progress: ProgressCallback | None = None,
+              cancel: threading.Event | None = None, **kwargs: Any) -> list[GenerationOutput]:
         """Answer several prompts at once: the LLM decodes them as one padded batch, and each
         decoder runs once per modality for all their media (in chunks of
         :attr:`decode_batch_size`, or what the memory plan allows).
@@ -210,6 +302,7 @@ class AnyGPTPipeline:
         Args:
             prompts: texts or message lists, as ``prompt`` of :meth:`__call__`.
             media: one media mapping (or None) per prompt.
+            on_progress, cancel: as for :meth:`__call__`.
             **kwargs: settings as for :meth:`__call__`, shared by every prompt, except ``seed``,
                 which may be a list with one seed per prompt (an integer seeds each prompt
                 alike). Media go in ``media`` or the messages, not in ``images=`` etc.
@@ -221,11 +314,12 @@ class AnyGPTPipeline:
             conversation = Conversation(keep_cache=False)
             _add_prompt(conversation, prompt, items)
             conversations.append(conversation)
-        return self._run_batch(conversations, outputs, sampling, decode_opts, seeds)
+        return self._run_batch(conversations, outputs, sampling, decode_opts, seeds, on_progress, cancel)
 
     def chat(self, conversation: Conversation | Sequence[Conversation],
              message: str | Sequence[str | None] | None = None, *, outputs: Sequence[str] = (),
              media: MediaInputs | Sequence[MediaInputs | None] | None = None,
+             on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
              **kwargs: Any) -> GenerationOutput | list[GenerationOutput]:
         """Add ``message`` (if given) to ``conversation``, answer it, and record the answer.
 
@@ -238,16 +332,17 @@ class AnyGPTPipeline:
         caches are neither used nor replaced by it).
         """
         if not isinstance(conversation, Conversation):
-            return self._chat_batch(list(conversation), message, outputs, media, kwargs)
+            return self._chat_batch(list(conversation), message, outputs, media, kwargs, on_progress, cancel)
         media, settings = _split_media(media, kwargs)
         with conversation.atomic():
             _add_message(conversation, message, media)
-            output = self._run(conversation, outputs, settings)
+            output = self._run(conversation, outputs, settings, on_progress, cancel)
             conversation.add_assistant(output.raw_text)
         return output
 
     def stream(self, conversation: Conversation, message: str | None = None, *, outputs: Sequence[str] = (),
-               media: MediaInputs | None = None,
+               media: MediaInputs | None = None, on_progress: ProgressCallback | None = None,
+               cancel: threading.Event | None = None,
                **kwargs: Any) -> Iterator[TextDelta | MediaStarted | MediaSegment | GenerationOutput]:
         """Answer ``message`` (if given, else the conversation's last user turn) step by step.
 
@@ -255,18 +350,25 @@ class AnyGPTPipeline:
         :class:`MediaSegment` for each media item, and finally the :class:`GenerationOutput`
         (which is also recorded in the conversation). If answering fails or the caller stops
         iterating early, the conversation is left as it was before the call.
+
+        Decoder steps are not events: ``on_progress`` (called from inside the decoder, between
+        two events) reports them. A consumer that cannot wait for the next event to stop (a
+        decoder call lasts seconds) sets ``cancel`` from another thread: iteration then raises
+        :class:`~anygpt.errors.Cancelled` at the next token or denoising step. Other arguments
+        as for :meth:`__call__`.
         """
         media, settings = _split_media(media, kwargs)
         with conversation.atomic():
             _add_message(conversation, message, media)
             output = None
-            for event in self._stream(conversation, outputs, settings):
+            for event in self._stream(conversation, outputs, settings, on_progress, cancel):
                 output = event
                 yield event
             conversation.add_assistant(output.raw_text)
 
     def _chat_batch(self, conversations: list[Conversation], messages: Sequence[str | None] | str | None,
-                    outputs: Sequence[str], media: Any, kwargs: dict) -> list[GenerationOutput]:
+                    outputs: Sequence[str], media: Any, kwargs: dict, on_progress: ProgressCallback | None = None,
+                    cancel: threading.Event | None = None) -> list[GenerationOutput]:
         if isinstance(messages, str):
             raise ConfigError("chat over several conversations takes one message per conversation (a list), "
                               "got one string")
@@ -279,18 +381,20 @@ class AnyGPTPipeline:
             for conversation, message, items in zip(conversations, messages, media_list):
                 stack.enter_context(conversation.atomic())
                 _add_message(conversation, message, items)
-            results = self._run_batch(conversations, outputs, sampling, decode_opts, seeds)
+            results = self._run_batch(conversations, outputs, sampling, decode_opts, seeds, on_progress, cancel)
             for conversation, output in zip(conversations, results):
                 conversation.add_assistant(output.raw_text)
         return results
 
-    def _run(self, conversation: Conversation, outputs: Sequence[str], settings: dict) -> GenerationOutput:
+    def _run(self, conversation: Conversation, outputs: Sequence[str], settings: dict,
+             on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationOutput:
         event = None
-        for event in self._stream(conversation, outputs, settings):
+        for event in self._stream(conversation, outputs, settings, on_progress, cancel):
             pass
         return event
 
-    def _stream(self, conversation: Conversation, outputs: Sequence[str], settings: dict):
+    def _stream(self, conversation: Conversation, outputs: Sequence[str], settings: dict,
+                on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None):
         start = time.perf_counter()
         sampling, decode_opts = self._settings(outputs, settings)
         timings: dict[str, float] = {}
@@ -303,7 +407,7 @@ class AnyGPTPipeline:
         keys = prompt.position_keys() if conversation.keep_cache else None
         result: LLMResult = yield from _wrap_text(
             generate_stream(self.model.lm, embeds, prompt.input_ids, sampling, required=tuple(outputs),
-                            position_keys=keys, reuse=conversation.take_cache()))
+                            position_keys=keys, reuse=conversation.take_cache(), cancel=cancel))
         conversation.keep(result.cache)
         timings["prefill"], timings["decode"] = result.prefill_s, result.decode_s
 
@@ -311,14 +415,15 @@ class AnyGPTPipeline:
             yield MediaStarted(run.modality, index)
         media: list[MediaSegment | None] = [None] * len(result.runs)
         for index, segment in self._decode_runs(result.runs, _media_seeds(sampling.seed, result.runs),
-                                                decode_opts, timings):
+                                                decode_opts, timings, on_progress, cancel):
             media[index] = segment
             yield segment
         timings["total"] = time.perf_counter() - start
         yield self._output(prompt, result, media, timings)
 
     def _run_batch(self, conversations: list[Conversation], outputs: Sequence[str], sampling: SamplingSettings,
-                   decode_opts: dict, seeds: list[int | None]) -> list[GenerationOutput]:
+                   decode_opts: dict, seeds: list[int | None], on_progress: ProgressCallback | None = None,
+                   cancel: threading.Event | None = None) -> list[GenerationOutput]:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -327,12 +432,12 @@ class AnyGPTPipeline:
         prompts = [self._prompt(conversation, sampling) for conversation in conversations]
         results = generate_batch(self.model.lm, [embeds for _, embeds in prompts],
                                  [prompt.input_ids for prompt, _ in prompts], sampling, required=tuple(outputs),
-                                 seeds=seeds)
+                                 seeds=seeds, cancel=cancel)
         timings["prefill"], timings["decode"] = results[0].prefill_s, results[0].decode_s
         runs = [run for result in results for run in result.runs]
         run_seeds = [s for result, seed in zip(results, seeds) for s in _media_seeds(seed, result.runs)]
         media: list[MediaSegment | None] = [None] * len(runs)
-        for index, segment in self._decode_runs(runs, run_seeds, decode_opts, timings):
+        for index, segment in self._decode_runs(runs, run_seeds, decode_opts, timings, on_progress, cancel):
             media[index] = segment
         timings["total"] = time.perf_counter() - start
         outputs_, first = [], 0
@@ -409,7 +514,8 @@ class AnyGPTPipeline:
                 conversation.record_encoding(item.key, embedding)
 
     def _decode_runs(self, runs: Sequence[SignalRun], seeds: Sequence[int | None], options: dict,
-                     timings: dict) -> Iterator[tuple[int, MediaSegment]]:
+                     timings: dict, on_progress: ProgressCallback | None = None,
+                     cancel: threading.Event | None = None) -> Iterator[tuple[int, MediaSegment]]:
         """Decode signal runs, each decoder once per chunk of its modality's runs; yields
         ``(index in runs, segment)``, in order within each modality."""
         by_modality: dict[str, list[int]] = defaultdict(list)
@@ -430,7 +536,7 @@ class AnyGPTPipeline:
                     condition = self.model.project_signals(modality, states)
                 values = decoder.decode(condition, seed=[seeds[i] for i in chunk], progress=self.progress,
                                         progress_label=_chunk_label(modality, first, len(chunk), len(indices)),
-                                        **options)
+                                        on_progress=on_progress, cancel=cancel, **options)
                 key = f"decoder/{modality}"
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
                 for i, value in zip(chunk, values):
@@ -576,9 +682,34 @@ def content_parts(parts: Sequence[Any], where: str) -> tuple[str, dict[str, list
     return "\n".join(p for p in pieces if p), media
 
 
-def resolve_config(name_or_path: str | os.PathLike) -> tuple[AnyGPTConfig, Path | None]:
-    """A config and the directory its relative paths resolve against."""
+#: A hub repository id: ``owner/name`` (the hub's own rule for the characters).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_hub_id(name: str) -> bool:
+    """True for ``owner/name``, the form of a hub repository id (which may still not exist)."""
+    return (_HUB_ID.fullmatch(name) is not None and not looks_like_path(name) and ".." not in name
+            and not name.endswith((".yaml", ".yml")))
+
+
+def resolve_config(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                   token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                   local_files_only: bool = False) -> tuple[AnyGPTConfig, Path | None]:
+    """A config and the directory its relative paths resolve against, from (in this order) a
+    model directory, a YAML config file, a hub id (``owner/name``: see
+    :func:`~anygpt.checkpoint.download_model_directory`, whose arguments the keywords are) or a
+    preset name.
+
+    Raises:
+        UnknownNameError: none of these (the message lists the presets).
+        WeightsNotFoundError, ConfigError: a hub id that cannot be had, or is no model directory.
+    """
     path = Path(name_or_path)
+    if not path.exists() and is_hub_id(str(name_or_path)):
+        from anygpt.checkpoint import download_model_directory
+
+        path = download_model_directory(str(name_or_path), valid_names=list_presets(), revision=revision,
+                                        token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     if path.is_dir():
         if not (path / CONFIG_FILENAME).is_file():
             raise ConfigError(f"{path}: not a model directory (no {CONFIG_FILENAME}); "

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 __all__ = ["Audio", "Video", "TextSegment", "MediaSegment", "Segment", "GenerationOutput",
-           "TextDelta", "MediaStarted"]
+           "TextDelta", "MediaStarted", "DecodeProgress"]
 
 @dataclass
 class Audio:
@@ -100,6 +100,34 @@ class MediaStarted:
 
     modality: str
     index: int
+
+
+@dataclass
+class DecodeProgress:
+    """A decoder finished one denoising step (passed to ``on_progress`` callbacks).
+
+    Attributes:
+        modality: the media being made (``image``, ``audio``, ``video``).
+        label: which items of the answer this call makes (``image 1/2``, ``image 1-3/4``).
+        step: denoising steps done so far, 1 to ``steps``.
+        steps: denoising steps of this call.
+        elapsed_s: seconds since the decoder call began.
+    """
+
+    modality: str
+    label: str
+    step: int
+    steps: int
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> float:
+        """Seconds left, at the mean pace of the steps so far."""
+        return self.elapsed_s / max(self.step, 1) * max(self.steps - self.step, 0)
+
+    def describe(self) -> str:
+        """``"image 1/1 · step 7/25 · ETA 3 s"``: one line for a progress display."""
+        return f"{self.label} · step {self.step}/{self.steps} · ETA {self.eta_s:.0f} s"
 
 
 @dataclass

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,7 +32,7 @@ from anygpt.app.session import ChatSession, UserMessage, describe_modalities, up
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_app", "API_NAME", "SEED", "control_options", "ui_settings"]
+__all__ = ["build_app", "API_NAME", "SEED", "APP_CSS", "control_options", "ui_settings", "decode_defaults"]
 
 #: The named endpoint for ``gradio_client``: ``client.predict(..., api_name="/chat")``.
 API_NAME = "chat"
@@ -40,6 +42,18 @@ SEED = "seed"
 
 #: The API endpoint streams text at most this often (seconds); media and the end always go out.
 _API_UPDATE_S = 0.05
+
+#: Media in the chat at a sensible size: small ones (a 64-px image or video) are shown at
+#: 192 px rather than stretched to the chat's width, large ones shrink to at most 512 px.
+APP_CSS = """
+#chatbot .message img, #chatbot .message video {
+  width: auto !important; height: auto !important; min-width: 192px;
+  max-width: min(100%, 512px) !important; max-height: 512px !important; object-fit: contain;
+}
+"""
+
+#: What the stop button's turn shows at its end.
+STOPPED = "*■ Stopped.*"
 
 
 # Settings: one control per declared option ---------------------------------------------------
@@ -53,45 +67,94 @@ def control_options() -> tuple[Option, ...]:
 
 
 def _is_decode(opt: Option) -> bool:
-    """A decoder option: its control's 0 means the preset's (the decoder's) default."""
+    """A decoder option: its control's 0 means the preset's (the decoders') own value."""
     return opt.name in {o.name for o in DECODE_OPTIONS}
+
+
+def decode_defaults(config: Any) -> dict[str, dict[str, Any]]:
+    """Each decode option's preset value per output modality: ``{"steps": {"image": 25, ...}}``.
+
+    Read from the decoders' configs (nothing is loaded); a modality whose decoder leaves an
+    option unset (its native size, its own frame rate) is not listed for it.
+    """
+    modalities = getattr(config, "modalities", None) or {}
+    defaults: dict[str, dict[str, Any]] = {opt.name: {} for opt in DECODE_OPTIONS}
+    for modality in getattr(config, "output_modalities", ()):
+        decoder = getattr(modalities.get(modality), "decoder", None)
+        for opt in DECODE_OPTIONS:
+            value = getattr(decoder, opt.name, None)
+            if value is not None:
+                defaults[opt.name][modality] = value
+    return defaults
+
+
+def _preset_value(per_modality: dict[str, Any]) -> Any:
+    """The one value the output modalities share, or None where they differ or none is set."""
+    values = set(per_modality.values())
+    return values.pop() if len(values) == 1 else None
 
 
 def _label(opt: Option) -> str:
     return opt.name.replace("_", " ").capitalize()
 
 
-def _control(opt: Option, generation: Any) -> gr.components.Component:
-    """The control of one option: a slider, or for the seed a number box."""
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _control(opt: Option, generation: Any, defaults: dict[str, dict[str, Any]] | None = None) -> gr.components.Component:
+    """The control of one option: a slider, or for the seed a number box.
+
+    A decode slider starts at the preset's value where the output modalities share one (its
+    label says so); where they differ it starts at 0, and its label names each modality's value.
+    Left there (or at 0), each decoder keeps its preset value.
+    """
     if opt.name == SEED:
         return gr.Number(value=-1, precision=0, label=f"{_label(opt)} (-1: random)", info=opt.help)
     low, high, step = opt.ui
     if _is_decode(opt):
-        return gr.Slider(min(low, 0), high, value=0, step=step, label=f"{_label(opt)} (0: preset default)",
-                         info=opt.help)
+        per_modality = (defaults or {}).get(opt.name, {})
+        shared = _preset_value(per_modality)
+        if shared is not None:
+            preset = _number(shared)
+        elif per_modality:
+            preset = ", ".join(f"{m} {_number(v)}" for m, v in per_modality.items())
+        else:
+            preset = "native"
+        value = 0 if shared is None else shared
+        return gr.Slider(min(low, 0), max(high, value), value=value, step=step,
+                         label=f"{_label(opt)} (preset: {preset})",
+                         info=f"{opt.help}; 0 or the preset value: each decoder's own", elem_classes=["decode-option"])
     value = getattr(generation, opt.name, opt.default)
     value = low if value is None else value
     return gr.Slider(min(low, value), max(high, value), value=value, step=step, label=_label(opt), info=opt.help)
 
 
-def _setting(opt: Option, value: Any) -> Any:
-    """One control's value → the pipeline's keyword argument (None: the preset's default)."""
+def _setting(opt: Option, value: Any, preset: Any = None) -> Any:
+    """One control's value → the pipeline's keyword argument (None: the preset's value)."""
     if value is None:
         return None
     if opt.name == SEED:
         return None if value < 0 else int(value)
-    if _is_decode(opt) and value == 0:
+    if _is_decode(opt) and (value == 0 or (preset is not None and value == preset)):
         return None
     return opt.type(value)
 
 
-def ui_settings(values: Sequence[Any], options: Sequence[Option] | None = None) -> dict[str, Any]:
-    """Control values, in :func:`control_options` order → the pipeline's keyword arguments."""
+def ui_settings(values: Sequence[Any], options: Sequence[Option] | None = None,
+                defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Control values, in :func:`control_options` order → the pipeline's keyword arguments.
+
+    ``defaults`` (:func:`decode_defaults`) gives the preset values the decode sliders start at:
+    a slider left at its preset value, like one at 0, leaves each decoder its own value.
+    """
     options = control_options() if options is None else options
     if len(values) != len(options):
         raise ValueError(f"expected {len(options)} setting values ({', '.join(o.name for o in options)}), "
                          f"got {len(values)}")
-    return {opt.name: _setting(opt, value) for opt, value in zip(options, values)}
+    defaults = defaults or {}
+    return {opt.name: _setting(opt, value, _preset_value(defaults.get(opt.name, {})))
+            for opt, value in zip(options, values)}
 
 
 def _with_signature(fn: Callable, names: Sequence[str]) -> Callable:
@@ -126,9 +189,13 @@ def _render_turn(message: UserMessage, state: TurnState) -> list[dict]:
             if part.value.strip():
                 content.append(part.value)
         elif part.kind == "pending":
-            content.append(f"*⏳ making {get_modality(part.value).noun}…*")
+            step = state.progress.get(part.value)
+            what = f"{step.describe()}" if step else f"{get_modality(part.value).noun}…"
+            content.append(f"*⏳ making {what}*")
         else:
             content.append(_media_component(part.kind, part.value))
+    if state.stopped:
+        content.append(STOPPED)
     if content:
         messages.append({"role": "assistant", "content": content})
     elif not state.done and not state.error:
@@ -203,6 +270,7 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
     config = pipe.config
     inputs = list(config.input_modalities)
     options = control_options()
+    defaults = decode_defaults(config)
     preset = getattr(config, "name", "custom")
     device = getattr(pipe, "device", "cpu")
     examples = _examples(pipe, output_dir / "examples", inputs)
@@ -222,42 +290,90 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
                     file_types=upload_suffixes(inputs), file_count="multiple",
                     sources=["upload", "microphone"], placeholder="Type a message, attach media…",
                     show_label=False, elem_id="message")
+                # Enabled while a turn runs; the turn then ends at its next token or denoising step.
+                stop_button = gr.Button("■ Stop", variant="stop", size="sm", interactive=False, elem_id="stop")
                 with gr.Accordion("Webcam", open=False):
                     webcam = gr.Image(sources=["webcam"], type="filepath", label="Snapshot (sent with the next message)")
             with gr.Column(scale=1, min_width=240):
                 output = gr.Radio(list(output_choices(pipe)), value=AUTO, label="Answer must contain",
                                   elem_id="output")
                 with gr.Accordion("Settings", open=False):
-                    controls = [_control(opt, config.generation) for opt in options]
+                    controls = [_control(opt, config.generation, defaults) for opt in options]
         gr.Examples(examples=examples, inputs=[textbox], label="Examples")
         settings = [output, *controls]
 
-        def stream_turn(session: ChatSession, message: UserMessage, output_choice, *values):
-            busy = gr.MultimodalTextbox(value=None, interactive=False)
-            with gate.slot():
-                for _ in run_turn(pipe, session, message, output_dir=output_dir, output=output_choice,
-                                  settings=ui_settings(values, options), max_upload_mb=max_upload_mb):
-                    yield _history(session), busy, session
-            yield _history(session), gr.MultimodalTextbox(interactive=True), session
+        # The turns running now, by browser session: the stop button sets the turn's event.
+        running: dict[str, threading.Event] = {}
 
-        def respond(value, snapshot, session, output_choice, *values):
+        def stream_turn(key: str, session: ChatSession, message: UserMessage, output_choice, *values):
+            """Run the turn in a worker thread and stream its renderings.
+
+            A worker, because decoder steps are reported from inside the pipeline call (no event
+            is yielded between them); the worker renders each state itself, so the session is
+            only ever touched by one thread. The worker holds the model slot, and ends at the
+            pipeline's next token or denoising step once ``cancel`` is set: by the stop button,
+            or here when our consumer goes away (a closed tab), so no thread is left running.
+            """
+            cancel = running[key] = threading.Event()
+            updates: queue.SimpleQueue = queue.SimpleQueue()
+
+            def work() -> None:
+                try:
+                    with gate.slot():
+                        for _ in run_turn(pipe, session, message, output_dir=output_dir, output=output_choice,
+                                          settings=ui_settings(values, options, defaults),
+                                          max_upload_mb=max_upload_mb, cancel=cancel,
+                                          on_update=lambda _: updates.put(_history(session))):
+                            updates.put(_history(session))
+                except Exception as exc:  # noqa: BLE001 - raised again in the Gradio handler
+                    updates.put(exc)
+                finally:
+                    updates.put(None)
+
+            worker = threading.Thread(target=work, name=f"anygpt-turn-{session.session_id}", daemon=True)
+            busy = gr.MultimodalTextbox(value=None, interactive=False)
+            worker.start()
+            try:
+                while True:
+                    item = updates.get()
+                    while isinstance(item, list) and not updates.empty():
+                        item = updates.get()  # only the newest rendering is worth sending
+                    if item is None:
+                        break
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item, busy, gr.Button(interactive=True), session
+            finally:
+                cancel.set()
+                worker.join()
+                if running.get(key) is cancel:
+                    del running[key]
+            yield _history(session), gr.MultimodalTextbox(interactive=True), gr.Button(interactive=False), session
+
+        def respond(request: gr.Request, value, snapshot, session, output_choice, *values):
             session = session or ChatSession()
             message = _user_message(value, [snapshot] if snapshot else [])
             if not message.text.strip() and not message.files:
                 # Refused in place: no bubble, the box stays as it is, a notice says why.
                 gr.Warning("Type a message or attach a file first.")
-                yield _history(session), gr.MultimodalTextbox(), snapshot, session
+                yield _history(session), gr.MultimodalTextbox(), gr.Button(), snapshot, session
                 return
-            for history, box, session in stream_turn(session, message, output_choice, *values):
-                yield history, box, None, session
+            for history, box, stop, session in stream_turn(_key(request, session), session, message,
+                                                           output_choice, *values):
+                yield history, box, stop, None, session
 
-        def retry(session, output_choice, *values):
+        def retry(request: gr.Request, session, output_choice, *values):
             session = session or ChatSession()
             message = session.undo()
             if message is None:
-                yield _history(session), gr.MultimodalTextbox(), session
+                yield _history(session), gr.MultimodalTextbox(), gr.Button(), session
                 return
-            yield from stream_turn(session, message, output_choice, *values)
+            yield from stream_turn(_key(request, session), session, message, output_choice, *values)
+
+        def stop(request: gr.Request, session):
+            cancel = running.get(_key(request, session))
+            if cancel is not None:
+                cancel.set()  # the turn's own handler shows the end and frees the box
 
         def undo(session):
             session = session or ChatSession()
@@ -278,7 +394,7 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
             # new media and the final state are always sent.
             with gate.slot():
                 for final in run_turn(pipe, session, _user_message(message), output_dir=output_dir,
-                                      output=output, settings=ui_settings(values, options),
+                                      output=output, settings=ui_settings(values, options, defaults),
                                       max_upload_mb=max_upload_mb):
                     now = time.monotonic()
                     if final.error or not (final.done or len(final.files) > sent_files
@@ -292,10 +408,12 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
         # The API's parameter names are the options' names (and so the pipeline's keywords).
         _with_signature(api_chat, ["message", "output", *(opt.name for opt in options), "session"])
 
-        textbox.submit(respond, [textbox, webcam, state, *settings], [chatbot, textbox, webcam, state],
+        textbox.submit(respond, [textbox, webcam, state, *settings], [chatbot, textbox, stop_button, webcam, state],
                        api_visibility="private", **model_events)
-        chatbot.retry(retry, [state, *settings], [chatbot, textbox, state], api_visibility="private",
+        chatbot.retry(retry, [state, *settings], [chatbot, textbox, stop_button, state], api_visibility="private",
                       **model_events)
+        # Not a model event: it must run while the turn holds the model's queue slot.
+        stop_button.click(stop, [state], None, api_visibility="private", concurrency_limit=None)
         chatbot.undo(undo, [state], [chatbot, textbox, state], api_visibility="private")
         chatbot.clear(clear, None, [chatbot, textbox, state], api_visibility="private")
 
@@ -312,4 +430,11 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
 
     demo.anygpt_output_dir = output_dir
     demo.anygpt_max_upload_mb = max_upload_mb
+    demo.anygpt_css = APP_CSS  # Gradio 6 takes CSS at launch (app.server.launch passes it)
     return demo
+
+
+def _key(request: Any, session: ChatSession | None) -> str:
+    """Which running turn a browser's stop button means: its Gradio session (the chat session's
+    id where there is no request, as for a direct call)."""
+    return getattr(request, "session_hash", None) or (session.session_id if session else "")

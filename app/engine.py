@@ -6,14 +6,15 @@ This module knows nothing about Gradio; :mod:`app.chat` renders its :class:`Turn
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from anygpt.errors import AnyGPTError, ConfigError
+from anygpt.errors import AnyGPTError, Cancelled, ConfigError
 from anygpt.modalities import MODALITIES, get_modality
-from anygpt.types import GenerationOutput, MediaSegment, MediaStarted, TextDelta
+from anygpt.types import DecodeProgress, GenerationOutput, MediaSegment, MediaStarted, TextDelta
 
 from anygpt.app.session import ChatSession, UserMessage, classify_uploads
 
@@ -44,11 +45,19 @@ class Part:
 
 @dataclass
 class TurnState:
-    """The answer so far; the last state of a turn has ``done`` or ``error`` set."""
+    """The answer so far; the last state of a turn has ``done``, ``stopped`` or ``error`` set.
+
+    Attributes:
+        stopped: the user stopped the turn; ``parts`` keep what was answered until then (the
+            conversation does not: the pipeline rolled the turn back).
+        progress: the latest decoder step report of each modality being decoded.
+    """
 
     parts: list[Part] = field(default_factory=list)
     error: str | None = None
     done: bool = False
+    stopped: bool = False
+    progress: dict[str, DecodeProgress] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -68,7 +77,8 @@ def _clean(message: str, files: list[str]) -> str:
 
 def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_dir: Path,
              output: str = AUTO, settings: Mapping[str, Any] | None = None,
-             max_upload_mb: float = 50.0) -> Iterator[TurnState]:
+             max_upload_mb: float = 50.0, cancel: threading.Event | None = None,
+             on_update: Callable[[TurnState], None] | None = None) -> Iterator[TurnState]:
     """Answer ``message`` in ``session``; yield the growing answer.
 
     Bad input (``ConfigError`` for the message or the output choice, ``MediaError`` for the
@@ -76,6 +86,11 @@ def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_di
     message to the conversation and rolls it back when the turn fails or is stopped, so the
     conversation is then as it was before the turn (apart from cached encodings) and the turn is
     shown as failed. ``settings`` are the pipeline's keyword arguments (None: the preset's value).
+
+    ``cancel`` (set from another thread) stops the turn at the pipeline's next token or
+    denoising step; the last state then has ``stopped`` set and keeps the answer so far.
+    ``on_update(state)`` is called when the state changes between two yields: after each
+    denoising step, from inside the pipeline call (``state.progress`` has the step).
     """
     state = TurnState()
     session.turns.append((message, state))
@@ -89,6 +104,14 @@ def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_di
         turn_dir = session.next_turn_dir(output_dir)
         outputs = () if output == AUTO else (output,)
         kwargs = {k: v for k, v in (settings or {}).items() if v is not None}
+        if cancel is not None:
+            kwargs["cancel"] = cancel
+        if on_update is not None:
+            def on_progress(step: DecodeProgress) -> None:
+                state.progress[step.modality] = step
+                on_update(state)
+
+            kwargs["on_progress"] = on_progress
         result = None
         events = pipe.stream(session.conversation, message.text, media=media, outputs=outputs, **kwargs)
         # closing(): when this loop fails (or our consumer stops), the pipeline's stream ends
@@ -112,6 +135,8 @@ def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_di
                             break
                     else:
                         state.parts.append(Part(event.modality, path))
+                    if not any(p.kind == "pending" and p.value == event.modality for p in state.parts):
+                        state.progress.pop(event.modality, None)
                 elif isinstance(event, GenerationOutput):
                     result = event
                     continue
@@ -122,9 +147,12 @@ def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_di
         yield state
     except GeneratorExit:  # our consumer stopped mid-turn: the pipeline has rolled it back
         if not state.done:
-            state.parts = [p for p in state.parts if p.kind != "pending"]
-            state.error = "stopped"
+            _stop(state)
         raise
+    except Cancelled as exc:  # the user stopped the turn: the pipeline has rolled it back
+        logger.info("turn stopped: %s", exc)
+        _stop(state)
+        yield state
     except Exception as exc:  # noqa: BLE001 - every failure is shown in the chat; the app keeps serving
         if isinstance(exc, AnyGPTError):
             logger.info("turn rejected (%s): %s", type(exc).__name__, exc)
@@ -133,8 +161,16 @@ def run_turn(pipe: Any, session: ChatSession, message: UserMessage, *, output_di
             logger.exception("generation failed")
             text = f"generation failed ({type(exc).__name__}: {exc})"
         state.parts = [p for p in state.parts if p.kind != "pending"]
+        state.progress.clear()
         state.error = _clean(text, message.files)
         yield state
+
+
+def _stop(state: TurnState) -> None:
+    """Mark ``state`` stopped: what was answered stays, unfinished media go."""
+    state.parts = [p for p in state.parts if p.kind != "pending"]
+    state.progress.clear()
+    state.stopped = True
 
 
 def _write(segment: MediaSegment, turn_dir: Path, state: TurnState) -> str:

@@ -22,6 +22,7 @@ def launch(demo: Any, *, host: str = "127.0.0.1", port: int | None = 7860, share
     output_dir = getattr(demo, "anygpt_output_dir", None)
     limit_mb = getattr(demo, "anygpt_max_upload_mb", None)
     demo.queue(max_size=max_queue)
+    kwargs.setdefault("css", getattr(demo, "anygpt_css", None))
     logger.info("serving on http://%s:%s (share=%s, files from %s)", host, port, share, output_dir)
     return demo.launch(server_name=host, server_port=port, share=share,
                        allowed_paths=[str(output_dir)] if output_dir else None,
@@ -49,7 +50,7 @@ def build_server(pipe: Any, *, app: bool = True, output_dir: str = "outputs/app"
     demo = build_app(pipe, output_dir=output_dir, max_upload_mb=max_upload_mb, concurrency=concurrency, gate=gate)
     demo.queue(max_size=max_queue)
     return gr.mount_gradio_app(api, demo, path="/", allowed_paths=[str(demo.anygpt_output_dir)],
-                               max_file_size=f"{int(max_upload_mb * 4)}mb")
+                               max_file_size=f"{int(max_upload_mb * 4)}mb", css=demo.anygpt_css)
 
 
 def serve(pipe: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

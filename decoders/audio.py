@@ -9,6 +9,7 @@ work on log-mel spectrograms whose parameters are the vocoder's (:func:`log_mel_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -123,10 +124,10 @@ class AudioLDMDecoder(Decoder):
         return [Audio(waveform=np.clip(wave, -1.0, 1.0).astype(np.float32), sample_rate=rate)
                 for wave in output.audios]
 
-    def training_waveform(self, value: Audio) -> torch.Tensor:
+    def training_waveform(self, value: Audio, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """A clip as AudioLDM prepares its training audio, before the log-mel: mixed to mono,
         resampled to the vocoder's rate, mean removed and scaled to a peak of 0.5, then cut or
-        zero-padded to the length :meth:`decode` generates (``T * hop`` samples)."""
+        zero-padded to the length :meth:`decode` generates with ``options`` (``T * hop`` samples)."""
         import torchaudio
 
         vocoder = self.pipeline.vocoder.config
@@ -137,22 +138,22 @@ class AudioLDMDecoder(Decoder):
             wave = torchaudio.functional.resample(wave, value.sample_rate, rate)
         wave = wave - wave.mean()
         wave = 0.5 * wave / (wave.abs().max() + 1e-8)
-        length = self._mel_frames(rate, hop) * hop
+        length = self._mel_frames(rate, hop, options) * hop
         return F.pad(wave[:length], (0, max(0, length - len(wave))))
 
-    def training_sample(self, value: Audio) -> torch.Tensor:
+    def training_sample(self, value: Audio, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """A clip → its log-mel spectrogram ``(1, T, mels)``, the vocoder's input representation:
         :func:`log_mel_spectrogram` of :meth:`training_waveform`."""
         vocoder = self.pipeline.vocoder.config
-        wave = self.training_waveform(value)
+        wave = self.training_waveform(value, options)
         hop = math.prod(vocoder.upsample_rates)
         return log_mel_spectrogram(wave, int(vocoder.sampling_rate), hop, int(vocoder.model_in_dim))[None]
 
-    def _mel_frames(self, rate: int, hop: int) -> int:
+    def _mel_frames(self, rate: int, hop: int, options: Mapping[str, Any] | None = None) -> int:
         """Mel frames of the audio :meth:`decode` generates, computed as the pipeline computes
         its spectrogram height (rounded up to a multiple of the VAE's scale factor)."""
         scale = int(self.pipeline.vae_scale_factor)
-        seconds = self.resolve_options()["audio_length_s"]
+        seconds = self.resolve_options(options)["audio_length_s"]
         if seconds is None:
             return int(self.pipeline.unet.config.sample_size) * scale
         frames = int(seconds / (hop / rate))

@@ -14,11 +14,12 @@ methods that need them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,15 +28,18 @@ import torch.nn.functional as F
 
 from anygpt.config import DecodeOptions, DecoderConfig
 from anygpt.dtypes import torch_dtype
-from anygpt.errors import ConfigError, WeightsNotFoundError
+from anygpt.errors import Cancelled, ConfigError, WeightsNotFoundError
 from anygpt.options import Option, check_value, options_of
 from anygpt.paths import looks_like_path, resolve_path
 from anygpt.registry import Registry
 from anygpt.seeding import fresh_seed
+from anygpt.types import DecodeProgress
 from anygpt.weightfiles import check_folder, is_size_mismatch
 from anygpt.decoders import tiny
 
 if TYPE_CHECKING:
+    import threading
+
     import numpy as np
     from diffusers import DiffusionPipeline
     from PIL import Image
@@ -296,6 +300,8 @@ class Decoder:
         seed: int | Sequence[int | None] | None = None,
         progress: bool = False,
         progress_label: str | None = None,
+        on_progress: Callable[[DecodeProgress], None] | None = None,
+        cancel: threading.Event | None = None,
         **options: Any,
     ) -> list[Any]:
         """Generate one media item per conditioning row.
@@ -308,7 +314,14 @@ class Decoder:
             seed: seeds a ``torch.Generator`` on the decoder's device; None draws fresh noise. A
                 list gives one seed per row, so that each row matches a batch-1 call with it.
             progress: show the pipeline's progress bar.
-            progress_label: the bar's label (e.g. ``image 1/2``); default: the modality.
+            progress_label: the bar's label (e.g. ``image 1/2``); default: the modality. It is
+                also the ``label`` of the :class:`~anygpt.types.DecodeProgress` events.
+            on_progress: called after each denoising step with a
+                :class:`~anygpt.types.DecodeProgress` (steps done, steps in all, seconds so
+                far, and from them an ETA), from diffusers' per-step callback.
+            cancel: an event that another thread may set to stop decoding: it is checked after
+                each denoising step, and once it is set the call raises
+                :class:`~anygpt.errors.Cancelled` there (no thread is left running).
             **options: any :class:`~anygpt.config.DecodeOptions` field (``steps``, ``guidance``,
                 ``height``, ``width``, ``num_frames``, ``fps``, ``audio_length_s``); see
                 :meth:`resolve_options` for the defaults. A ``guidance`` of 1 or less disables
@@ -321,7 +334,10 @@ class Decoder:
         Raises:
             ConfigError: an unknown option, or a value of the wrong type or out of range.
             ValueError: ``condition`` or ``negative_condition`` has the wrong shape.
+            Cancelled: ``cancel`` was set.
         """
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{progress_label or self.modality}: stopped before decoding")
         condition = self._check_condition(condition, "condition")
         resolved = self.resolve_options(options)
         negative = None
@@ -329,16 +345,51 @@ class Decoder:
             negative = self._negative_for(condition, negative_condition)
         self.pipeline.set_progress_bar_config(disable=not progress, desc=f"{progress_label or self.modality} · steps",
                                               leave=False)
-        output = self.pipeline(
-            prompt_embeds=self._pipeline_embeds(condition),
-            negative_prompt_embeds=None if negative is None else self._pipeline_embeds(negative),
-            num_inference_steps=resolved["steps"],
-            guidance_scale=resolved["guidance"],
-            generator=self._generator(seed, len(condition)),
-            output_type=self.output_type,
-            **self._size_arguments(resolved),
-        )
+        try:
+            output = self.pipeline(
+                prompt_embeds=self._pipeline_embeds(condition),
+                negative_prompt_embeds=None if negative is None else self._pipeline_embeds(negative),
+                num_inference_steps=resolved["steps"],
+                guidance_scale=resolved["guidance"],
+                generator=self._generator(seed, len(condition)),
+                output_type=self.output_type,
+                **self._size_arguments(resolved),
+                **self._step_callback(progress_label or self.modality, resolved["steps"], on_progress, cancel),
+            )
+        except Cancelled:
+            # The pipeline's own end-of-call cleanup did not run: offloaded models go back now.
+            self.pipeline.maybe_free_model_hooks()
+            raise
         return self._to_media(output, fps=resolved["fps"])
+
+    def _step_callback(self, label: str, steps: int, on_progress: Callable[[DecodeProgress], None] | None,
+                       cancel: threading.Event | None) -> dict[str, Any]:
+        """The pipeline's per-step callback arguments reporting progress and honouring ``cancel``.
+
+        ``callback_on_step_end`` where the pipeline has it (Stable Diffusion); the deprecated
+        pipelines (AudioLDM, text-to-video) only have the legacy ``callback``/``callback_steps``.
+        Raising from either stops the denoising loop at that step boundary.
+        """
+        if on_progress is None and cancel is None:
+            return {}
+        start, done = time.perf_counter(), 0
+
+        def step_done() -> None:
+            nonlocal done
+            done += 1
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{label}: stopped after {min(done, steps)} of {steps} denoising steps")
+            # Some schedulers (PNDM) run one step more than asked: it is not reported twice.
+            if on_progress is not None and done <= steps:
+                on_progress(DecodeProgress(self.modality, label, done, steps, time.perf_counter() - start))
+
+        if "callback_on_step_end" in inspect.signature(self.pipeline.__call__).parameters:
+            def on_step_end(pipeline: Any, index: int, timestep: Any, tensors: dict) -> dict:
+                step_done()
+                return {}  # no tensor is changed
+
+            return {"callback_on_step_end": on_step_end}
+        return {"callback": lambda index, timestep, latents: step_done(), "callback_steps": 1}
 
     def resolve_options(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every decode option a :meth:`decode` call with ``options`` uses.
@@ -409,7 +460,7 @@ class Decoder:
 
     # Training ------------------------------------------------------------------------------
 
-    def training_sample(self, value: Any) -> torch.Tensor:
+    def training_sample(self, value: Any, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """One loaded media value of :attr:`modality` as a :meth:`denoising_loss` sample.
 
         The sample is what the decoder's VAE encodes, in the range and at the size the decoder
@@ -418,6 +469,8 @@ class Decoder:
 
         Args:
             value: what ``anygpt.modalities.get_modality(modality).load`` returns for a file.
+            options: decode options the sample is sized for, as a :meth:`decode` call with them
+                would generate (e.g. ``{"num_frames": 4}``); None: the decoder's defaults.
         """
         raise NotImplementedError(f"decoder {self.name!r} does not turn {self.modality} media into "
                                   "training samples; implement training_sample")
@@ -571,10 +624,11 @@ class ClipConditionedDecoder(Decoder):
         prompt_embeds, _ = self.pipeline.encode_prompt(captions, self.device, 1, False)
         return prompt_embeds
 
-    def pixel_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the frames :meth:`decode` generates by default: the options'
-        values, else the UNet's native size (its ``sample_size`` × the VAE's scale factor)."""
-        options = self.resolve_options()
+    def pixel_size(self, options: Mapping[str, Any] | None = None) -> tuple[int, int]:
+        """``(height, width)`` of the frames :meth:`decode` generates with ``options`` (None: by
+        default): the options' values, else the UNet's native size (its ``sample_size`` × the
+        VAE's scale factor)."""
+        options = self.resolve_options(options)
         native = int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
         return options["height"] or native, options["width"] or native
 

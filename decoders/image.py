@@ -6,6 +6,7 @@ Registry name ``stable-diffusion``; real weights e.g. ``stable-diffusion-v1-5/st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,6 @@ class StableDiffusionDecoder(ClipConditionedDecoder):
     def _to_media(self, output: Any, fps: float | None) -> list[Any]:
         return list(output.images)
 
-    def training_sample(self, value: Image.Image) -> torch.Tensor:
+    def training_sample(self, value: Image.Image, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         """An RGB image → ``(3, H, W)`` in [-1, 1] at :meth:`pixel_size` (bicubic resize)."""
-        return image_tensor(value, self.pixel_size())
+        return image_tensor(value, self.pixel_size(options))

@@ -6,6 +6,7 @@ Registry name ``text-to-video``; real weights e.g. ``cerspense/zeroscope_v2_576w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -63,13 +64,13 @@ class TextToVideoDecoder(ClipConditionedDecoder):
         fps = float(fps or self.default_fps)
         return [Video(frames=to_uint8(frames), fps=fps) for frames in output.frames]
 
-    def training_sample(self, value: Video) -> torch.Tensor:
-        """A clip → ``(3, F, H, W)`` in [-1, 1]: as many frames as :meth:`decode` generates,
-        evenly spaced over the clip (repeated if it is shorter), each resized like an image to
-        :meth:`pixel_size`."""
-        count = self.resolve_options()["num_frames"] or self.default_num_frames
+    def training_sample(self, value: Video, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """A clip → ``(3, F, H, W)`` in [-1, 1]: as many frames as :meth:`decode` generates
+        (with ``options``), evenly spaced over the clip (repeated if it is shorter), each resized
+        like an image to :meth:`pixel_size`."""
+        count = self.resolve_options(options)["num_frames"] or self.default_num_frames
         index = np.linspace(0, value.num_frames - 1, count).round().astype(int)
-        size = self.pixel_size()
+        size = self.pixel_size(options)
         return torch.stack([image_tensor(value.frames[i], size) for i in index], dim=1)
 
 

@@ -256,7 +256,7 @@ def test_engine_rolls_back_a_turn_that_fails_mid_stream(tiny_pipe, tmp_path):
     stream = run_turn(pipe, session, UserMessage("a long answer"), output_dir=tmp_path)
     next(stream)
     stream.close()
-    assert session.conversation.turns == turns and session.turns[-1][1].error == "stopped"
+    assert session.conversation.turns == turns and session.turns[-1][1].stopped
     session.undo()  # the stopped turn is not in the conversation: undo drops only its display
     assert session.conversation.turns == turns
 
@@ -321,17 +321,24 @@ def test_settings_controls_and_api_parameters_are_the_declared_options(tiny_pipe
     assert not {"image_size", "video_frames", "audio_length"} & set(names)
 
     # Defaults: sampling sliders the preset's values (tiny's differ from the options' defaults),
-    # decode sliders 0 ("preset default", said in the label), the seed -1 (random).
+    # decode sliders the decoders' own values where the output modalities share one (tiny: 2
+    # steps each, guidance 7.5, 4 video frames), else 0 (native size); the seed -1 (random).
     generation, decode = tiny_pipe.config.generation, {o.name for o in DECODE_OPTIONS}
+    preset = {"steps": 2, "guidance": 7.5, "num_frames": 4}
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
     for opt in declared:
-        expected = -1 if opt.name == "seed" else 0 if opt.name in decode else getattr(generation, opt.name)
+        expected = (-1 if opt.name == "seed" else preset.get(opt.name, 0) if opt.name in decode
+                    else getattr(generation, opt.name))
         assert defaults[opt.name] == expected, opt.name
     sliders = _blocks(demo, "Slider")
     assert len(sliders) == sum(o.ui is not None for o in declared)
     for opt, slider in zip([o for o in declared if o.ui is not None], sliders):
         assert (slider.minimum, slider.maximum, slider.step) == opt.ui, opt.name
-        assert ("preset default" in slider.label) == (opt.name in decode), slider.label
+        if opt.name in decode:
+            shown = preset.get(opt.name)
+            assert slider.label.endswith(f"(preset: {'native' if shown is None else f'{shown:g}'})"), slider.label
+        else:
+            assert "preset" not in slider.label, slider.label
     assert [n.label for n in _blocks(demo, "Number")] == ["Seed (-1: random)"]
 
     # Declaring an option is all it takes to get a control and an API parameter.
@@ -340,8 +347,39 @@ def test_settings_controls_and_api_parameters_are_the_declared_options(tiny_pipe
     demo = chat.build_app(tiny_pipe, output_dir=tmp_path)
     assert [p["parameter_name"] for p in _api_parameters(demo)] == [*names, "noise"]
     slider = _blocks(demo, "Slider")[-1]
-    assert (slider.minimum, slider.maximum, slider.value) == (0, 1, 0) and "preset default" in slider.label
+    assert (slider.minimum, slider.maximum, slider.value) == (0, 1, 0) and "(preset: native)" in slider.label
     assert chat.ui_settings([24, 1.0, 1.0, -1, 0, 0, 0, 0, 0, 0, 0, 0.3])["noise"] == 0.3
+
+
+def test_decode_settings_show_each_modalitys_preset_value_and_keep_it(tiny_pipe, tmp_path):
+    """Where the decoders' presets differ, the slider names each one and sits at 0; left there, or
+    at a shared preset value, each decoder keeps its own value, and a moved slider applies to all."""
+    import dataclasses
+
+    from anygpt.app import chat
+
+    modalities = dict(tiny_pipe.config.modalities)
+    modalities["audio"] = dataclasses.replace(
+        modalities["audio"], decoder=dataclasses.replace(modalities["audio"].decoder, steps=5))
+    config = dataclasses.replace(tiny_pipe.config, modalities=modalities)
+    defaults = chat.decode_defaults(config)
+    assert defaults["steps"] == {"image": 2, "audio": 5, "video": 2}
+    assert defaults["height"] == {} and defaults["num_frames"] == {"video": 4}
+    demo = chat.build_app(SimpleNamespace(config=config, device="cpu", stream=tiny_pipe.stream), output_dir=tmp_path)
+    steps = next(s for s in _blocks(demo, "Slider") if s.label.startswith("Steps"))
+    assert steps.label == "Steps (preset: image 2, audio 5, video 2)" and steps.value == 0
+    guidance = next(s for s in _blocks(demo, "Slider") if s.label.startswith("Guidance"))
+    assert guidance.label == "Guidance (preset: 7.5)" and guidance.value == 7.5
+
+    options = chat.control_options()
+    untouched = [o.default if o.name != "seed" else -1 for o in options]
+    untouched = [{"steps": 0, "guidance": 7.5, "num_frames": 4}.get(o.name, v) for o, v in zip(options, untouched)]
+    untouched = [0 if o.name in {"height", "width", "fps", "audio_length_s"} else v for o, v in zip(options, untouched)]
+    settings = chat.ui_settings(untouched, options, defaults)
+    assert settings["steps"] is None and settings["guidance"] is None and settings["num_frames"] is None
+    moved = [{"steps": 3, "guidance": 4.0}.get(o.name, v) for o, v in zip(options, untouched)]
+    assert chat.ui_settings(moved, options, defaults)["steps"] == 3
+    assert chat.ui_settings(moved, options, defaults)["guidance"] == 4.0
 
 
 def test_ui_values_map_to_pipeline_settings():
@@ -477,3 +515,61 @@ def test_cli_parses_app_and_stays_light():
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_pipeline_reports_decoder_steps_and_stops_at_a_step_boundary(tiny_pipe):
+    """``on_progress`` gets every denoising step (with an ETA); ``cancel`` stops the call at the
+    next step, leaves the conversation as it was and no thread behind, and the next call works."""
+    from anygpt import Cancelled, Conversation
+
+    steps = []
+    out = tiny_pipe("Draw.", outputs=("image",), seed=0, max_new_tokens=2, steps=3, on_progress=steps.append)
+    assert out.images and [(p.label, p.step, p.steps) for p in steps][-3:] == [
+        ("image 1/1", 1, 3), ("image 1/1", 2, 3), ("image 1/1", 3, 3)]
+    assert steps[-3].describe().startswith("image 1/1 · step 1/3 · ETA ") and steps[-1].eta_s == 0
+
+    conversation, cancel, seen = Conversation(), threading.Event(), []
+
+    def stop_after_first(progress):
+        seen.append(progress.step)
+        cancel.set()
+
+    threads = threading.active_count()
+    with pytest.raises(Cancelled, match="image 1/1: stopped after 2 of 5"):
+        tiny_pipe.chat(conversation, "Draw.", outputs=("image",), max_new_tokens=2, steps=5,
+                       on_progress=stop_after_first, cancel=cancel)
+    assert seen == [1] and conversation.turns == () and threading.active_count() == threads
+    with pytest.raises(Cancelled, match="stopped after 0 tokens"):  # set before: no token is made
+        tiny_pipe.chat(conversation, "Hi.", cancel=cancel)
+    assert tiny_pipe.chat(conversation, "Draw.", outputs=("image",), max_new_tokens=2, steps=1).images
+    assert len(conversation.turns) == 2
+
+
+def test_a_stopped_turn_keeps_its_answer_marked_stopped_and_the_next_turn_works(tiny_pipe, tmp_path):
+    from anygpt.app import chat
+    from anygpt.app.engine import run_turn
+    from anygpt.app.session import ChatSession, UserMessage
+
+    session, cancel, lines = ChatSession(), threading.Event(), []
+    message = UserMessage("Draw a square.")
+
+    def on_update(state):
+        lines.extend(str(part) for part in chat._render_turn(message, state)[-1]["content"])
+        cancel.set()  # the stop button, pressed during the first denoising step
+
+    states = list(run_turn(tiny_pipe, session, message, output_dir=tmp_path, output="image",
+                           settings={"steps": 4, "max_new_tokens": 3, "seed": 1}, cancel=cancel,
+                           on_update=on_update))
+    # The random LLM may begin a run of its own (decoded first); the first step of it is shown.
+    assert any(re.fullmatch(r"\*⏳ making (image|audio|video) 1/1 · step 1/4 · ETA \d+ s\*", line)
+               for line in lines), lines
+    final = states[-1]
+    assert final.stopped and not final.done and not final.error and not final.files
+    shown = chat._render_turn(message, final)
+    assert shown[-1]["role"] == "assistant" and shown[-1]["content"][-1] == chat.STOPPED
+    assert not any("making" in str(part) for part in shown[-1]["content"])  # no placeholder left
+    assert session.conversation.turns == ()  # the pipeline rolled the stopped turn back
+
+    again = list(run_turn(tiny_pipe, session, UserMessage("Draw again."), output_dir=tmp_path, output="image",
+                          settings={"steps": 1, "max_new_tokens": 3}))[-1]
+    assert again.done and len(again.files) >= 1 and len(session.conversation.turns) == 2

@@ -148,3 +148,68 @@ def test_browser_refuses_an_empty_message_in_place_and_keeps_the_output_choice(u
         page.locator("#chatbot [data-testid='bot'] img").first.wait_for(timeout=60_000)
         assert page.get_by_label("image", exact=True).is_checked()
         page.screenshot(path=str(artifacts / "app_empty.png"), full_page=True)
+
+
+class SlowSteps:
+    """The tiny pipeline, except that a message asking to draw "slowly" decodes in 40 steps of at
+    least a quarter second each (from the pipeline's own step callback), so a person (or this
+    test) has time to watch the progress and press stop."""
+
+    def __init__(self, pipe):
+        self.pipe, self.config, self.device = pipe, pipe.config, pipe.device
+
+    def stream(self, conversation, message=None, *, on_progress=None, **kwargs):
+        import time
+
+        if "slowly" in (message or ""):
+            kwargs["steps"] = 40
+
+            def slow(step, report=on_progress):
+                if report is not None:
+                    report(step)
+                time.sleep(0.25)
+
+            on_progress = slow
+        return self.pipe.stream(conversation, message, on_progress=on_progress, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slow_url(tiny_pipe, tmp_path_factory):
+    with _serving(SlowSteps(tiny_pipe), tmp_path_factory.mktemp("slow_out")) as url:
+        yield url
+
+
+def test_browser_shows_decoder_steps_and_stop_ends_the_answer_cleanly(slow_url, tmp_path):
+    """While the decoder runs, the answer shows its step count and ETA; stop ends it at the next
+    step, marked as stopped; the box is usable again, the next turn is answered, and a 64-px
+    image is shown at a sensible size rather than at the chat's width."""
+    import re
+
+    artifacts = _artifacts(tmp_path)
+    with _chat_page(slow_url, artifacts, "app_stop") as page:
+        bot = page.locator("#chatbot [data-testid='bot']")
+        stop = page.locator("#stop")
+        assert stop.is_disabled()  # nothing to stop yet
+        _send(page, "Draw a square, slowly.", [], "image")
+        progress = bot.filter(has_text=re.compile(r"step \d+/40 · ETA \d+ s"))
+        progress.first.wait_for(timeout=60_000)
+        page.screenshot(path=str(artifacts / "app_progress.png"), full_page=True)
+        assert stop.is_enabled() and page.locator("#message textarea").is_disabled()
+
+        stop.click()
+        bot.filter(has_text="Stopped.").first.wait_for(timeout=30_000)
+        page.wait_for_function("!document.querySelector('#message textarea').disabled", timeout=30_000)
+        page.screenshot(path=str(artifacts / "app_stopped.png"), full_page=True)
+        last = bot.last
+        assert last.locator("img").count() == 0 and "making" not in last.inner_text()
+        assert stop.is_disabled()
+
+        _send(page, "Now draw it.", [], "image")
+        image = page.locator("#chatbot [data-testid='bot'] img").first
+        image.wait_for(timeout=60_000)
+        page.wait_for_function("!document.querySelector('#message textarea').disabled", timeout=30_000)
+        page.screenshot(path=str(artifacts / "app_after_stop.png"), full_page=True)
+        assert page.locator("#chatbot").inner_text().count("Stopped.") == 1  # the stopped turn stays
+        shown = image.bounding_box()
+        chat_width = page.locator("#chatbot").bounding_box()["width"]
+        assert 150 <= shown["width"] <= 520 and shown["width"] < chat_width / 2, (shown, chat_width)
