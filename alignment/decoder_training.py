@@ -25,6 +25,10 @@ The components are trained one after the other, as Stable Diffusion was:
 3. **Text encoder**: kept frozen at its random initialisation by default (its embeddings of
    the captions are then computed once, which makes UNet training cheaper), or trained jointly
    with the UNet (``UNetTraining.train_text_encoder``).
+4. **Fine-tuning** (optional, ``DecoderTraining.finetune``): the UNet again, on samples sized by
+   other decode options. A video UNet learns content on short clips and motion on whole ones:
+   its temporal layers have no positional embedding, so it learns the frame spacing and count
+   of its training clips and should be fine-tuned at the length it generates.
 
 :func:`train_decoder` runs the whole sequence, saving the pipeline after each component into
 an output folder with a ``decoder_training.json`` state file, and resumes from it: components
@@ -51,7 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,11 +160,36 @@ class UNetTraining:
 
 
 @dataclass
+class FinetuneTraining:
+    """A second UNet phase of :func:`train_decoder`, on samples made with other decode options.
+
+    Video models learn content on short clips and motion on long ones: e.g. the UNet is first
+    trained on 4-frame samples (``DecoderTraining.sample_options``), then fine-tuned here on
+    8-frame ones. With ``unet.train_text_encoder`` false the text encoder, and therefore every
+    conditioning target computed from it, stays as the first phase left it.
+
+    Attributes:
+        unet: the phase's :class:`UNetTraining` settings.
+        sample_options: decode options its samples are sized for (see
+            :meth:`~anygpt.decoders.base.Decoder.training_sample`); empty: the decoder's own.
+    """
+
+    unet: UNetTraining = field(default_factory=UNetTraining)
+    sample_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DecoderTraining:
     """Settings of :func:`train_decoder`: one block per component, a seed and the output knobs."""
 
     vae: VAETraining = field(default_factory=VAETraining)
     unet: UNetTraining = field(default_factory=UNetTraining)
+    #: decode options the VAE and UNet samples are sized for (e.g. ``{"num_frames": 4}``); empty:
+    #: the decoder's own.
+    sample_options: dict[str, Any] = field(default_factory=dict)
+    #: a further UNet phase on differently sized samples (needs the media: pass pairs, not a
+    #: :class:`TrainingSet`); None: none.
+    finetune: FinetuneTraining | None = None
     seed: int = 0
     #: show a tqdm progress bar per component.
     progress: bool = True
@@ -173,7 +202,11 @@ class DecoderTraining:
         values = dict(values)
         vae = VAETraining(**_tuples(values.pop("vae", {})))
         unet = UNetTraining(**_tuples(values.pop("unet", {})))
-        return cls(vae=vae, unet=unet, **values)
+        finetune = values.pop("finetune", None)
+        if finetune is not None:
+            finetune = FinetuneTraining(unet=UNetTraining(**_tuples(finetune.get("unet", {}))),
+                                        sample_options=dict(finetune.get("sample_options", {})))
+        return cls(vae=vae, unet=unet, finetune=finetune, **values)
 
 
 @dataclass
@@ -235,7 +268,7 @@ class LatentSet:
 
 
 def training_set(decoder: Decoder, pairs: Iterable[tuple[Any, str]],
-                 dtype: torch.dtype = torch.float16) -> TrainingSet:
+                 dtype: torch.dtype = torch.float16, options: Mapping[str, Any] | None = None) -> TrainingSet:
     """``(media value, caption)`` pairs → the decoder's training samples, stacked.
 
     Args:
@@ -244,10 +277,12 @@ def training_set(decoder: Decoder, pairs: Iterable[tuple[Any, str]],
             their captions.
         dtype: storage dtype of the stacked samples (float16 halves the memory; samples are
             cast to float32 per batch).
+        options: decode options the samples are sized for (e.g. ``{"num_frames": 4}``); None:
+            the decoder's own.
     """
     samples, captions = [], []
     for value, caption in pairs:
-        samples.append(decoder.training_sample(value).to(dtype))
+        samples.append(decoder.training_sample(value, options).to(dtype))
         captions.append(str(caption))
     if not samples:
         raise ValueError("training_set needs at least one (media, caption) pair")
@@ -455,13 +490,14 @@ class _EMA:
 
 
 def train_unet(decoder: Decoder, latents: LatentSet, settings: UNetTraining | None = None, *, seed: int = 0,
-               progress: bool = True, log_every: int = 200) -> ComponentResult:
+               progress: bool = True, log_every: int = 200, label: str = "unet") -> ComponentResult:
     """Train ``decoder.pipeline.unet`` (and, if set, the text encoder) with the DDPM loss.
 
     Each step takes a batch of latents (sampled from their posterior, scaled), replaces each
     caption by ``""`` with probability ``caption_dropout``, and minimises
     :meth:`Decoder.denoising_loss` — the decoder's own noising, timestep sampling, conditioning
-    of its UNet and ``prediction_type`` target.
+    of its UNet and ``prediction_type`` target. ``label`` names the progress bar, the log lines
+    and the result's component (``finetune`` for a second phase).
 
     Returns:
         the steps, time and losses.
@@ -483,10 +519,10 @@ def train_unet(decoder: Decoder, latents: LatentSet, settings: UNetTraining | No
     params = [p for group in groups for p in group["params"]]
     optimizer, schedule = _optimizer(groups, settings, settings.steps)
     ema = _EMA(modules, settings.ema_decay) if settings.ema_decay else None
-    losses = _Losses("unet", settings.steps, log_every)
+    losses = _Losses(label, settings.steps, log_every)
     _trainable(*modules)
     try:
-        with _progress(settings.steps, "unet", progress) as bar:
+        with _progress(settings.steps, label, progress) as bar:
             for step, index in enumerate(_batches(len(latents), settings.batch_size, settings.steps, generator)):
                 drop = torch.rand(len(index), generator=generator) < settings.caption_dropout
                 captions = ["" if d else latents.captions[i] for i, d in zip(index.tolist(), drop.tolist())]
@@ -550,11 +586,13 @@ def set_noise_schedule(decoder: Decoder, **overrides: Any) -> Any:
 def train_decoder(decoder: Decoder, data: TrainingSet | Iterable[tuple[Any, str]],
                   settings: DecoderTraining | None = None, *, output_dir: str | Path | None = None,
                   resume: bool = True) -> dict[str, ComponentResult]:
-    """Train the decoder's VAE, then its UNet (and text encoder, if set), in place.
+    """Train the decoder's VAE, then its UNet (and text encoder, if set), then the UNet's
+    ``settings.finetune`` phase if any, in place.
 
     Args:
         decoder: a decoder built from ``arch`` (random weights) or loaded.
-        data: a :class:`TrainingSet`, or ``(media value, caption)`` pairs to build one from.
+        data: a :class:`TrainingSet`, or ``(media value, caption)`` pairs to build one from
+            (sized by ``settings.sample_options``; a fine-tuning phase needs the pairs).
         settings: the components' settings, seed and progress bar; default :class:`DecoderTraining`.
         output_dir: if set, the pipeline is saved there (``decoder.save_pretrained``) after each
             component, with :data:`STATE_FILE` recording the components done, their results and
@@ -567,7 +605,14 @@ def train_decoder(decoder: Decoder, data: TrainingSet | Iterable[tuple[Any, str]
         component name → its :class:`ComponentResult` (also for resumed components, as recorded).
     """
     settings = settings or DecoderTraining()
-    data = data if isinstance(data, TrainingSet) else training_set(decoder, data)
+    pairs = None
+    if isinstance(data, TrainingSet):
+        if settings.finetune is not None:
+            raise ValueError("settings.finetune makes new samples from the media: pass the (media value, "
+                             "caption) pairs to train_decoder, not a TrainingSet")
+    else:
+        pairs = list(data)
+        data = training_set(decoder, pairs, options=settings.sample_options)
     output = Path(output_dir) if output_dir is not None else None
     state = _read_state(output) if (output is not None and resume) else {}
     done: dict[str, ComponentResult] = {}
@@ -593,6 +638,12 @@ def train_decoder(decoder: Decoder, data: TrainingSet | Iterable[tuple[Any, str]
         if latents is None:
             latents = encode_latents(decoder, data)
         done["unet"] = train_unet(decoder, latents, settings.unet, seed=settings.seed + 1, **common)
+        _checkpoint(decoder, output, done, settings)
+
+    if settings.finetune is not None and "finetune" not in done:
+        tuned = training_set(decoder, pairs, options=settings.finetune.sample_options)
+        done["finetune"] = train_unet(decoder, encode_latents(decoder, tuned), settings.finetune.unet,
+                                      seed=settings.seed + 2, label="finetune", **common)
         _checkpoint(decoder, output, done, settings)
     return done
 
@@ -656,7 +707,7 @@ def _read_state(output: Path) -> dict[str, Any]:
 
 
 #: Components trained together with a listed one (restored with it on resume).
-_RESTORED_WITH = {"vae": ("vae",), "unet": ("unet", "text_encoder")}
+_RESTORED_WITH = {"vae": ("vae",), "unet": ("unet", "text_encoder"), "finetune": ("unet", "text_encoder")}
 
 
 def _load_component(decoder: Decoder, output: Path, name: str) -> None:

@@ -188,29 +188,38 @@ def _encoder_step(ctx: _Context) -> dict[str, Any]:
             "data_seconds": round(result.data_seconds, 1)}
 
 
-def _decoder(name: str, arch: Mapping[str, Any], seed: int) -> Any:
+def _decoder(name: str, section: Mapping[str, Any], seed: int) -> Any:
+    """A decoder of ``section``'s architecture with random weights, configured with the
+    settings it will generate with (so its training samples are, by default, what it makes)."""
     from anygpt.config import DecoderConfig
     from anygpt.decoders import load_decoder
 
-    return load_decoder(DecoderConfig(name=name, arch=dict(arch), seed=seed))
+    return load_decoder(DecoderConfig(name=name, arch=dict(section["arch"]), seed=seed,
+                                      **section.get("generate", {})))
 
 
 def _train_clip_decoder(ctx: _Context, step: str, modality: str, decoder_name: str) -> dict[str, Any]:
-    """The image and video decoders: VAE then UNet, resumable per component."""
+    """The image and video decoders: VAE, UNet, then the section's UNet ``finetune`` phase if
+    any, resumable per component."""
     import torch
 
     from anygpt.alignment import decoder_training as dt
 
     section = ctx.settings[_SECTIONS[step]]
-    decoder = _decoder(decoder_name, section["arch"], ctx.seed)
+    decoder = _decoder(decoder_name, section, ctx.seed)
     pairs = world_pairs(modality, int(section["examples"]), ctx.seed, section.get("captions", "canonical"))
-    data = dt.training_set(decoder, [(medium, caption) for medium, caption, _ in pairs])
+    finetune = section.get("finetune")
+    if finetune is not None:
+        finetune = dt.FinetuneTraining(unet=dt.UNetTraining(**finetune["unet"]),
+                                       sample_options=dict(finetune.get("sample_options") or {}))
     settings = dt.DecoderTraining(vae=dt.VAETraining(**section["vae"]), unet=dt.UNetTraining(**section["unet"]),
+                                  sample_options=dict(section.get("sample_options") or {}), finetune=finetune,
                                   seed=ctx.seed, progress=ctx.progress)
     folder = ctx.folder(step)
     if section.get("vae_init"):
         _copy_vae(decoder, ctx.folder(section["vae_init"]) / "pipeline" / "vae")
-    results = dt.train_decoder(decoder, data, settings, output_dir=folder / "training", resume=True)
+    results = dt.train_decoder(decoder, [(medium, caption) for medium, caption, _ in pairs], settings,
+                               output_dir=folder / "training", resume=True)
     dt.save_decoder(decoder, folder / "pipeline", dtype=torch.float16)
     return {"pipeline": str(folder / "pipeline"),
             "components": {name: _component_report(r) for name, r in results.items()}}
@@ -248,7 +257,7 @@ def _audio_decoder_step(ctx: _Context) -> dict[str, Any]:
     from anygpt.alignment import vocoder_training as vt
 
     section, seed, progress = ctx.settings["audio_decoder"], ctx.seed, ctx.progress
-    decoder = _decoder("audioldm", section["arch"], seed)
+    decoder = _decoder("audioldm", section, seed)
     tones = vt.world_tone_pairs(decoder, int(section["vocoder_examples"]), seed=seed)
     vocoder = vt.train_decoder_vocoder(decoder, vt.vocoder_set(decoder, tones),
                                        vt.VocoderTraining(**section["vocoder"]), seed=seed, progress=progress)

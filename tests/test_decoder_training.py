@@ -199,3 +199,79 @@ def test_the_same_code_trains_the_audio_and_video_decoders():
         results = dt.train_decoder(decoder, pairs, settings)
         assert all(np.isfinite(r.last_loss) for r in results.values())
         assert results["vae"].extra["scaling_factor"] > 0
+
+
+def _small_video_decoder(num_frames: int):
+    small = {"block_out_channels": (16, 32), "vae_block_out_channels": (16, 32), "norm_num_groups": 8,
+             "text_hidden_size": 16, "text_intermediate_size": 32, "text_num_layers": 1, "text_num_heads": 2,
+             "model_max_length": 16, "sample_size": 8}
+    return load_decoder(DecoderConfig(name="text-to-video", arch=small, num_frames=num_frames))
+
+
+def _moving_clips(count: int) -> list:
+    """8-frame 16×16 clips of a square moving right or left, with their captions."""
+    from anygpt.types import Video
+
+    pairs = []
+    for i in range(count):
+        frames = np.zeros((8, 16, 16, 3), dtype=np.uint8)
+        for t in range(8):
+            x = t if i % 2 == 0 else 7 - t
+            frames[t, 4:10, x:x + 6] = (220, 30, 30)
+        pairs.append((Video(frames, 8.0), "a square moving right" if i % 2 == 0 else "a square moving left"))
+    return pairs
+
+
+def test_training_sample_options_size_the_clip():
+    decoder = _small_video_decoder(num_frames=4)
+    clip = _moving_clips(1)[0][0]
+    assert decoder.training_sample(clip).shape[1] == 4  # the frames the decoder generates
+    sample = decoder.training_sample(clip, {"num_frames": 2})
+    assert sample.shape[1] == 2
+    # Two of eight frames, evenly spaced: the first and the last.
+    assert torch.equal(sample[:, 1], decoder.training_sample(clip, {"num_frames": 8})[:, 7])
+
+
+def test_finetune_phase_trains_the_unet_on_longer_clips_with_the_text_encoder_frozen(tmp_path, monkeypatch):
+    pairs = _moving_clips(4)
+    first = dt.DecoderTraining(vae=dt.VAETraining(steps=2, batch_size=2),
+                               unet=dt.UNetTraining(steps=2, batch_size=2, train_text_encoder=True),
+                               sample_options={"num_frames": 2}, progress=False, log_every=0)
+    decoder = _small_video_decoder(num_frames=4)
+    dt.train_decoder(decoder, pairs, first, output_dir=tmp_path)
+    text_encoder = {k: v.clone() for k, v in decoder.pipeline.text_encoder.state_dict().items()}
+    unet = {k: v.clone() for k, v in decoder.pipeline.unet.state_dict().items()}
+
+    frames_seen = []
+    real_train_unet = dt.train_unet
+
+    def recording(decoder, latents, settings, **kwargs):
+        frames_seen.append(latents.mean.shape[2])  # (N, C, F, h, w)
+        return real_train_unet(decoder, latents, settings, **kwargs)
+
+    monkeypatch.setattr(dt, "train_unet", recording)
+    tuned = dt.DecoderTraining(**{**first.__dict__, "finetune": dt.FinetuneTraining(
+        unet=dt.UNetTraining(steps=3, batch_size=2, lr=1e-2, warmup_steps=1))})
+    results = dt.train_decoder(decoder, pairs, tuned, output_dir=tmp_path)
+    assert frames_seen == [4]  # vae and unet resumed; the finetune phase saw whole 4-frame samples
+    assert results["finetune"].steps == 3 and results["finetune"].component == "finetune"
+    assert all(torch.equal(v, text_encoder[k]) for k, v in decoder.pipeline.text_encoder.state_dict().items())
+    assert any(not torch.equal(v, unet[k]) for k, v in decoder.pipeline.unet.state_dict().items())
+
+    # Resuming again loads the fine-tuned UNet instead of training it a third time.
+    fresh = _small_video_decoder(num_frames=4)
+    dt.train_decoder(fresh, pairs, tuned, output_dir=tmp_path)
+    assert frames_seen == [4]
+    for a, b in zip(decoder.pipeline.unet.parameters(), fresh.pipeline.unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = json.loads((tmp_path / dt.STATE_FILE).read_text())
+    assert state["completed"] == ["vae", "unet", "finetune"]
+    assert dt.DecoderTraining.from_dict(state["settings"]).finetune == tuned.finetune
+
+
+def test_finetune_needs_the_media_not_a_training_set():
+    decoder = _small_video_decoder(num_frames=2)
+    data = dt.training_set(decoder, _moving_clips(2))
+    settings = dt.DecoderTraining(finetune=dt.FinetuneTraining(), progress=False)
+    with pytest.raises(ValueError, match="pass the \\(media value, caption\\) pairs"):
+        dt.train_decoder(decoder, data, settings)
