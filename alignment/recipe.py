@@ -296,29 +296,24 @@ def _captioned_output_modalities(data: _Data) -> dict[str, list[str]]:
 
 def build_targets(config: TrainConfig, pipe: "AnyGPTPipeline", data: _Data, modalities: dict[str, list[str]],
                   accelerator: "Accelerator") -> ConditionTargets:
-    """Encode every caption once with each decoder's text encoder (main process), then share.
+    """Encode every caption once with each decoder's text encoder, split across the processes.
 
-    Only the main process loads decoders for this; the others receive the decoder ids.
+    Every process loads the decoders and encodes its slice of the missing captions into its own
+    shards; the main process merges the index (:meth:`TargetCache.build` with the accelerator).
+    Targets are stored in each decoder's dtype.
     """
-    from accelerate.utils import broadcast_object_list
-
     directory = Path(config.data.target_cache or Path(config.output_dir) / "targets")
-    ids: list[Any] = [None]
+    cache = TargetCache(directory)
+    start, built = time.perf_counter(), 0
+    decoder_ids = {}
+    for modality, captions in modalities.items():
+        decoder = pipe.decoder(modality)
+        decoder_ids[modality] = TargetCache.decoder_id(decoder)
+        built += cache.build(decoder, captions, accelerator=accelerator)
     if accelerator.is_main_process:
-        cache = TargetCache(directory)
-        start, built = time.perf_counter(), 0
-        decoder_ids = {}
-        for modality, captions in modalities.items():
-            decoder = pipe.decoder(modality)
-            decoder_ids[modality] = TargetCache.decoder_id(decoder)
-            built += cache.build(decoder, captions)
-        logger.info("target cache %s: %d new of %d caption targets in %.1f s", directory, built,
-                    sum(map(len, modalities.values())), time.perf_counter() - start)
-        ids = [decoder_ids]
-    accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:
-        broadcast_object_list(ids, from_process=0)
-    return ConditionTargets(TargetCache(directory), ids[0])
+        logger.info("target cache %s: %d new of %d caption targets in %.1f s on %d process(es)", directory, built,
+                    sum(map(len, modalities.values())), time.perf_counter() - start, accelerator.num_processes)
+    return ConditionTargets(cache, decoder_ids)
 
 
 # =============================================================================================

@@ -213,12 +213,11 @@ def test_stage2_never_encodes_text_per_step(stage2):
 
 
 def _all_captions(output_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
+    """Every indexed caption of the run's target cache, prefixed by its decoder's name."""
     captions = []
-    for shard in (output_dir / "targets").glob("*.safetensors"):
-        with safe_open(str(shard), framework="pt") as handle:
-            captions += [f"{shard.name.split('-')[0]}:{c}" for c in json.loads(handle.metadata()["captions"])]
+    for index in (output_dir / "targets").glob("*/index.jsonl"):
+        prefix = index.parent.name.split('-')[0]
+        captions += [f"{prefix}:{json.loads(line)['caption']}" for line in index.read_text().splitlines()]
     return captions
 
 
