@@ -106,11 +106,11 @@ def test_mini_still_answers_plain_questions(mini_pipe):
 @pytest.mark.parametrize("modality", [
     pytest.param("image", marks=pytest.mark.xfail(strict=True, reason=(
         "the projected conditioning keeps shape and background but loses colour (forced image "
-        "colour 11 % in `anygpt eval world`): the red circle comes out without a readable colour"))),
+        "colour 44 % in `anygpt eval world`): the red circle comes out without a readable colour"))),
     "audio",
     pytest.param("video", marks=pytest.mark.xfail(strict=True, reason=(
-        "the video decoder draws the shape but learns no motion yet (direction 8 % for the decoder "
-        "alone in `anygpt eval world`), so a clip's direction is wrong"))),
+        "the video decoder draws the shape but its motion does not follow the caption (direction "
+        "8 % for the decoder alone in `anygpt eval world`), so a clip's direction is wrong"))),
 ])
 def test_a_world_request_gives_media_the_world_detectors_accept(mini_pipe, modality):
     """The app's example request for each medium, asked of the whole system, is drawn, played or
