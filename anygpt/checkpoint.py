@@ -30,7 +30,7 @@ import torch
 
 from anygpt import nextgpt
 from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, EncoderConfig, LLMConfig
-from anygpt.encoders import IMAGEBIND_HUGE
+from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
 from anygpt.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source, hf_config_for_arch
 from anygpt.model_card import MODEL_CARD_FILENAME, model_card
@@ -749,10 +749,20 @@ def _meta_projectors(config: AnyGPTConfig, base_dir: Path | None,
 def encoder_width(config: EncoderConfig, base_dir: Path | None = None) -> int:
     """The width of the embeddings the encoder ``config`` describes, read from the config where
     it says (ImageBind's ``out_embed_dim``), else from ImageBind's defaults; an encoder of
-    another kind is built to ask it (:func:`anygpt.encoders.encoder_output_dim`)."""
-    from anygpt.encoders import encoder_output_dim
+    another kind is built to ask it."""
+    if config.name != "imagebind":
+        from anygpt.encoders import build_encoder
 
-    return encoder_output_dim(config, base_dir)
+        return int(build_encoder(config, base_dir=base_dir).output_dim)
+    if config.pretrained is None:
+        arch = config.arch or {}
+    else:
+        arch = IMAGEBIND_HUGE_ARCH if config.pretrained == IMAGEBIND_HUGE else (config.arch or IMAGEBIND_HUGE_ARCH)
+    if "out_embed_dim" not in arch:
+        from anygpt.encoders import _resolve_arch, import_imagebind_model
+
+        arch = _resolve_arch(import_imagebind_model().ImageBindModel, arch)
+    return int(arch["out_embed_dim"])
 
 
 def merge_lora(llm: torch.nn.Module, factors: LoraFactors, source: object) -> None:

@@ -13,9 +13,7 @@ input projector reads. It comes from one of three sources (``EncoderConfig.pretr
 
 The ``imagebind`` package is imported only when an encoder is built, and without running its
 ``__init__.py`` (which imports pytorchvideo, broken with current torchvision): see
-:func:`import_imagebind_model`. A :class:`LazyEncoder` (what the pipeline holds) defers even
-that to the first media item to encode: a text-only turn never imports ImageBind's chain
-(timm, torchvision, einops: about a second).
+:func:`import_imagebind_model`.
 """
 
 from __future__ import annotations
@@ -47,10 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ImageBindEncoder",
-    "LazyEncoder",
     "ENCODERS",
     "build_encoder",
-    "encoder_output_dim",
     "import_imagebind_model",
     "imagebind_cache_path",
     "IMAGEBIND_HUGE_ARCH",
@@ -506,147 +502,6 @@ class ImageBindEncoder(nn.Module):
     def _check_trailing(key: str, got: tuple[int, ...], want: tuple[int, ...], expected: str) -> None:
         if got != want:
             raise ValueError(f"{key} batch items have shape {got}, expected {want}: pass {expected}")
-
-
-# --------------------------------------------------------------------------------------------
-# Built on first use
-# --------------------------------------------------------------------------------------------
-def _imagebind_arch(config: EncoderConfig) -> Mapping[str, Any]:
-    """The ``ImageBindModel`` keyword arguments ``config`` sets (before ImageBind's defaults)."""
-    if config.pretrained is None:
-        return config.arch or {}
-    return IMAGEBIND_HUGE_ARCH if config.pretrained == IMAGEBIND_HUGE else (config.arch or IMAGEBIND_HUGE_ARCH)
-
-
-def encoder_output_dim(config: EncoderConfig, base_dir: str | Path | None = None) -> int:
-    """The width of the embeddings the encoder ``config`` describes, without building it: read
-    from the config where it says (ImageBind's ``out_embed_dim``), else from ImageBind's
-    defaults (which imports its model code); an encoder of another kind is built to ask it."""
-    if config.name != "imagebind":
-        return int(build_encoder(config, base_dir=base_dir).output_dim)
-    arch = _imagebind_arch(config)
-    if "out_embed_dim" not in arch:
-        arch = _resolve_arch(import_imagebind_model().ImageBindModel, arch)
-    return int(arch["out_embed_dim"])
-
-
-class LazyEncoder(nn.Module):
-    """The encoder ``config`` describes, built (ImageBind imported, weights read) on first use.
-
-    Until then it holds no weights: :attr:`output_dim` comes from the config, and device and
-    dtype moves (``.to()``, ``.half()``, a parent module's ``.to()``, a memory plan's placement)
-    are recorded on an empty buffer and replayed, in order, on the encoder when it is built, so
-    it ends exactly as if it had been built first and moved since. :meth:`build` (called by
-    :meth:`encode`, :meth:`preprocess_options`, :meth:`save_weights` and the attributes that
-    need the weights) keeps the encoder as :attr:`module` and registers its ``ImageBindModel``
-    as the submodule ``model``, so a built one has the state-dict keys of an
-    :class:`ImageBindEncoder`; an unbuilt one has no weights in the state dict.
-
-    Args:
-        config: what :func:`build_encoder` builds.
-        base_dir: folder that relative ``pretrained`` paths resolve against.
-    """
-
-    def __init__(self, config: EncoderConfig, base_dir: str | Path | None = None):
-        super().__init__()
-        self.config = config
-        self.base_dir = base_dir
-        self._output_dim = encoder_output_dim(config, base_dir)
-        # Empty: follows every move of this module, so the moves can be replayed after the build.
-        self.register_buffer("_placement", torch.empty(0), persistent=False)
-        self._moves: list[tuple[torch.device, torch.dtype]] = []
-        self.module: ImageBindEncoder | None = None
-
-    @property
-    def is_built(self) -> bool:
-        """Whether the encoder has been built."""
-        return self.module is not None
-
-    def build(self) -> ImageBindEncoder:
-        """The encoder, built now if it is not yet, with the recorded moves applied."""
-        if self.module is None:
-            encoder = build_encoder(self.config, base_dir=self.base_dir)
-            for device, dtype in self._moves:
-                encoder.to(device=device, dtype=dtype)
-            # Its ImageBindModel is registered as ``model``, as in an ImageBindEncoder: moves reach
-            # it, and the state dict has the same keys as an encoder built up front.
-            self._modules["model"] = encoder.model  # not add_module: `model` is a property here
-            object.__setattr__(self, "module", encoder)
-            self._moves = []
-        return self.module
-
-    def skeleton(self) -> nn.Module:
-        """The encoder (built if it is) or, for ImageBind, its architecture with parameters on
-        the meta device: no weights read, for counting bytes (the memory plan)."""
-        if self.module is not None or self.config.name != "imagebind":
-            return self.build()
-        model_cls = import_imagebind_model().ImageBindModel
-        resolved = _resolve_arch(model_cls, _imagebind_arch(self.config))
-        with _parameters_on_meta():
-            return ImageBindEncoder(_construct(model_cls, resolved), resolved)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> LazyEncoder:
-        super()._apply(fn, recurse)
-        if self.module is None:
-            move = (self._placement.device, self._placement.dtype)
-            if not self._moves or self._moves[-1] != move:
-                self._moves.append(move)
-        return self
-
-    def train(self, mode: bool = True) -> LazyEncoder:
-        """Stay in eval mode, as the encoder does: it is frozen."""
-        return super().train(False)
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the embeddings, from the config (no build)."""
-        return self._output_dim
-
-    @property
-    def device(self) -> torch.device:
-        """Where the encoder is (or will be, once built)."""
-        return self.module.device if self.module is not None else self._placement.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The encoder's floating-point dtype (or the one it will have, once built)."""
-        return self.module.dtype if self.module is not None else self._placement.dtype
-
-    @property
-    def arch(self) -> dict[str, Any]:
-        """The full ``ImageBindModel`` keyword arguments (builds the encoder)."""
-        return self.build().arch
-
-    @property
-    def model(self) -> nn.Module:
-        """The ``ImageBindModel`` (builds the encoder)."""
-        return self.build().model
-
-    @property
-    def num_parameters(self) -> int:
-        """Parameters of the encoder (builds it)."""
-        return self.build().num_parameters
-
-    @property
-    def encoder_inputs(self) -> tuple[str, ...]:
-        """The modalities :meth:`encode` accepts (builds the encoder)."""
-        return self.build().encoder_inputs
-
-    def preprocess_options(self, encoder_input: str) -> dict[str, Any]:
-        """See :meth:`ImageBindEncoder.preprocess_options` (builds the encoder)."""
-        return self.build().preprocess_options(encoder_input)
-
-    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """See :meth:`ImageBindEncoder.forward` (builds the encoder)."""
-        return self.build()(inputs)
-
-    def encode(self, encoder_input: str, batch: Tensor) -> Tensor:
-        """See :meth:`ImageBindEncoder.encode` (builds the encoder)."""
-        return self.build().encode(encoder_input, batch)
-
-    def save_weights(self, path: str | Path) -> Path:
-        """See :meth:`ImageBindEncoder.save_weights` (builds the encoder)."""
-        return self.build().save_weights(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -380,9 +380,7 @@ def pipeline_components(pipe: Any) -> list[ComponentMemory]:
         decoders[modality] = (_weighted_parts(decoder.pipeline), _decoder_options(config, modality),
                               torch_dtype(config.modalities[modality].decoder.dtype, "decoder.dtype"))
     # As loaded: `from_pretrained(memory=...)` casts the LLM (to float16) before planning.
-    # An encoder not built yet is measured on the meta device (no weights read): it stays lazy.
-    encoder = model.encoder.skeleton() if hasattr(model.encoder, "skeleton") else model.encoder
-    return _components(encoder, model.lm.model, _projector_modules(model), decoders,
+    return _components(model.encoder, model.lm.model, _projector_modules(model), decoders,
                        model.lm.dtype, model.lm.max_context)
 
 

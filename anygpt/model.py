@@ -88,19 +88,16 @@ class AnyGPTModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: AnyGPTConfig, base_dir: Path | None = None,
-                    encoder: nn.Module | None = None, lazy_encoder: bool = False) -> "AnyGPTModel":
+                    encoder: nn.Module | None = None) -> "AnyGPTModel":
         """Build every component from ``config`` (relative paths resolve against ``base_dir``).
 
         ``encoder`` replaces the one ``config.encoder`` describes (it needs an ``output_dim``):
         a stand-in where only the LLM and projectors matter, as when converting a checkpoint.
-        ``lazy_encoder``: hold a :class:`~anygpt.encoders.LazyEncoder`, built on the first media
-        item to encode (what the pipeline does: text-only turns never import ImageBind).
         """
-        from anygpt.encoders import LazyEncoder, build_encoder
+        from anygpt.encoders import build_encoder
 
         if encoder is None:
-            encoder = (LazyEncoder(config.encoder, base_dir=base_dir) if lazy_encoder
-                       else build_encoder(config.encoder, base_dir=base_dir))
+            encoder = build_encoder(config.encoder, base_dir=base_dir)
         lm = LanguageModel.from_config(config.llm, signal_tokens(config), base_dir=base_dir)
         # The projectors' random initialisation is seeded on a forked CPU generator, so building
         # a model leaves the caller's random state as it was.
@@ -121,12 +118,8 @@ class AnyGPTModel(nn.Module):
     def encode_media(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
         """Encoder embeddings of a batch of preprocessed items: (B, ...) → (B, encoder_dim)."""
         spec = get_modality(modality)
-        encoder = self.encoder
-        build = getattr(encoder, "build", None)  # a LazyEncoder: its weights exist once built
-        if build is not None:
-            encoder = build()
-        param = next(encoder.parameters())
-        return encoder.encode(spec.encoder_input, batch.to(param.device, param.dtype))
+        param = next(self.encoder.parameters())
+        return self.encoder.encode(spec.encoder_input, batch.to(param.device, param.dtype))
 
     @torch.no_grad()
     def encode_items(self, modality: str, values: Sequence[Any]) -> torch.Tensor:

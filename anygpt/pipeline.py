@@ -97,8 +97,7 @@ class AnyGPTPipeline:
 
         config, base_dir = resolve_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir,
                                           local_files_only=local_files_only)
-        # The encoder is built on the first media item: text-only turns never import ImageBind.
-        model = AnyGPTModel.from_config(config, base_dir=base_dir, lazy_encoder=True)
+        model = AnyGPTModel.from_config(config, base_dir=base_dir)
         load_weights(model, base_dir)
         if config.llm.quantization is not None:
             from anygpt.llm import quantize_llm
