@@ -198,14 +198,15 @@ class DecoderTraining:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DecoderTraining:
-        """The settings :func:`asdict` wrote (e.g. read back from :data:`STATE_FILE`)."""
+        """The settings :func:`asdict` wrote (e.g. read back from :data:`STATE_FILE`), or a
+        config section of the same shape (nested mappings, lists for tuples)."""
         values = dict(values)
         vae = VAETraining(**_tuples(values.pop("vae", {})))
         unet = UNetTraining(**_tuples(values.pop("unet", {})))
         finetune = values.pop("finetune", None)
         if finetune is not None:
             finetune = FinetuneTraining(unet=UNetTraining(**_tuples(finetune.get("unet", {}))),
-                                        sample_options=dict(finetune.get("sample_options", {})))
+                                        sample_options=dict(finetune.get("sample_options") or {}))
         return cls(vae=vae, unet=unet, finetune=finetune, **values)
 
 

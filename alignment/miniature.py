@@ -208,13 +208,9 @@ def _train_clip_decoder(ctx: _Context, step: str, modality: str, decoder_name: s
     section = ctx.settings[_SECTIONS[step]]
     decoder = _decoder(decoder_name, section, ctx.seed)
     pairs = world_pairs(modality, int(section["examples"]), ctx.seed, section.get("captions", "canonical"))
-    finetune = section.get("finetune")
-    if finetune is not None:
-        finetune = dt.FinetuneTraining(unet=dt.UNetTraining(**finetune["unet"]),
-                                       sample_options=dict(finetune.get("sample_options") or {}))
-    settings = dt.DecoderTraining(vae=dt.VAETraining(**section["vae"]), unet=dt.UNetTraining(**section["unet"]),
-                                  sample_options=dict(section.get("sample_options") or {}), finetune=finetune,
-                                  seed=ctx.seed, progress=ctx.progress)
+    settings = dt.DecoderTraining.from_dict({
+        "vae": section["vae"], "unet": section["unet"], "finetune": section.get("finetune"),
+        "sample_options": dict(section.get("sample_options") or {}), "seed": ctx.seed, "progress": ctx.progress})
     folder = ctx.folder(step)
     if section.get("vae_init"):
         _copy_vae(decoder, ctx.folder(section["vae_init"]) / "pipeline" / "vae")

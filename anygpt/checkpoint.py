@@ -464,10 +464,11 @@ def download_model_directory(repo_id: str, *, valid_names: "list[str] | tuple[st
 def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
     """The cached snapshot folder of ``repo_id`` at ``revision``, if the hub cache holds one."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except Exception:  # not cached (or unreadable): there is nothing to tell
+    except LocalEntryNotFoundError:  # not cached
         return None
 
 
