@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from anygpt.config import build_config, require
+from anygpt.dtypes import DTYPE_NAMES
 from anygpt.errors import ConfigError
 from anygpt.modalities import MODALITIES
 
@@ -69,6 +70,10 @@ class DataConfig:
             stage-2 examples (caption → signal run), so that the output projectors keep their
             conditioning loss while the LLM learns dialogues.
         target_cache: folder of precomputed decoder conditionings (default ``<output_dir>/targets``).
+        target_shard_size: most caption targets per shard file of the cache (default: the
+            cache's own, :data:`alignment.targets.DEFAULT_SHARD_SIZE`).
+        target_dtype: the dtype targets are stored in (``float16``, ``bfloat16``, ``float32``;
+            default each decoder's own).
         num_workers: DataLoader worker processes.
     """
 
@@ -78,12 +83,18 @@ class DataConfig:
     modalities: Optional[list[str]] = None
     on_error: str = "skip"
     target_cache: Optional[str] = _path_field(None)
+    target_shard_size: Optional[int] = None
+    target_dtype: Optional[str] = None
     num_workers: int = 0
 
     def validate(self, path: str) -> None:
         require(bool(self.train), f"{path}.train", "set the training manifest (a .jsonl file)")
         require(self.on_error in ("skip", "fail"), f"{path}.on_error", "must be skip or fail")
         require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
+        require(self.target_shard_size is None or self.target_shard_size >= 1, f"{path}.target_shard_size",
+                "must be at least 1 (null: the cache's default)")
+        require(self.target_dtype is None or self.target_dtype in DTYPE_NAMES, f"{path}.target_dtype",
+                f"must be one of {', '.join(DTYPE_NAMES)} (null: each decoder's own)")
 
 
 @dataclass
@@ -264,15 +275,18 @@ class LogConfig:
         plots: draw ``<output_dir>/loss.png`` and ``eval.png`` at every checkpoint and at the
             end (matplotlib, from the ``train`` extra; see :mod:`alignment.plots`).
         progress_bar: a progress bar on the main process.
+        name: the run's label on its progress bar (default ``stage N``).
     """
 
     every: int = 10
     trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     plots: bool = True
     progress_bar: bool = True
+    name: Optional[str] = None
 
     def validate(self, path: str) -> None:
         require(self.every > 0, f"{path}.every", "must be > 0")
+        require(self.name is None or bool(self.name.strip()), f"{path}.name", "must not be empty (null: stage N)")
         unknown = sorted(set(self.trackers) - set(TRACKERS))
         require(not unknown, f"{path}.trackers", f"unknown tracker(s) {unknown}; valid: {', '.join(TRACKERS)}")
 

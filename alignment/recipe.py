@@ -300,16 +300,20 @@ def build_targets(config: TrainConfig, pipe: "AnyGPTPipeline", data: _Data, moda
 
     Every process loads the decoders and encodes its slice of the missing captions into its own
     shards; the main process merges the index (:meth:`TargetCache.build` with the accelerator).
-    Targets are stored in each decoder's dtype.
+    Targets are stored in ``data.target_dtype`` (default each decoder's dtype), in shards of at
+    most ``data.target_shard_size`` rows.
     """
     directory = Path(config.data.target_cache or Path(config.output_dir) / "targets")
     cache = TargetCache(directory)
+    layout = {"dtype": config.data.target_dtype}
+    if config.data.target_shard_size is not None:
+        layout["shard_size"] = config.data.target_shard_size
     start, built = time.perf_counter(), 0
     decoder_ids = {}
     for modality, captions in modalities.items():
         decoder = pipe.decoder(modality)
         decoder_ids[modality] = TargetCache.decoder_id(decoder)
-        built += cache.build(decoder, captions, accelerator=accelerator)
+        built += cache.build(decoder, captions, accelerator=accelerator, **layout)
     if accelerator.is_main_process:
         logger.info("target cache %s: %d new of %d caption targets in %.1f s on %d process(es)", directory, built,
                     sum(map(len, modalities.values())), time.perf_counter() - start, accelerator.num_processes)
@@ -489,7 +493,7 @@ def _weight(key: str, batch: dict) -> int:
 def _progress(config: TrainConfig, accelerator: "Accelerator", initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.train.max_steps, initial=initial, desc=f"stage {config.stage}",
+    return tqdm(total=config.train.max_steps, initial=initial, desc=config.log.name or f"stage {config.stage}",
                 disable=not (accelerator.is_main_process and config.log.progress_bar), dynamic_ncols=True)
 
 

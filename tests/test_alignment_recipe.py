@@ -626,3 +626,31 @@ def test_cli_train_reports_config_errors(tmp_path, capsys):
 
     assert main(["train", "--config", str(CONFIG_DIR / "stage1_encoding.yaml"), "optim.lr=-1"]) == 2
     assert "config.optim.lr: must be > 0" in capsys.readouterr().err
+
+
+def test_target_cache_layout_comes_from_the_data_config(data, tmp_path):
+    from safetensors import safe_open
+
+    from anygpt.alignment.recipe import train
+
+    config = _config(2, tmp_path / "run", data, "train.max_steps=1", "train.batch_size=2", "data.val=null",
+                     "data.target_shard_size=7", "data.target_dtype=bfloat16")
+    train(config)
+    shards = sorted((tmp_path / "run" / "targets").rglob("*.safetensors"))
+    assert len(shards) > 1
+    rows = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            tensor = handle.get_tensor("targets")
+        assert tensor.dtype == torch.bfloat16 and tensor.shape[0] <= 7
+        rows += tensor.shape[0]
+    assert rows == len(_all_captions(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("override, message", [("data.target_shard_size=0", "data.target_shard_size"),
+                                               ("data.target_dtype=int8", "data.target_dtype")])
+def test_bad_target_cache_layout_is_refused(override, message, data, tmp_path):
+    from anygpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _config(2, tmp_path, data, override)
