@@ -11,6 +11,8 @@
   - ``emission_rate`` (and per modality): how often the final answer to a request for a
     modality contains that modality's signal run *unforced* under greedy decoding;
     ``spurious_rate``: how often an answer that should have none starts one.
+* With ``metrics``: real-data metrics of media generated from the captions (FID, CLIP score,
+  FAD, CLAP score, CLIPSIM; see :mod:`anygpt.alignment.metrics`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import logging
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from anygpt.alignment.data import AlignmentDataset, Sample, read_manifest
+from anygpt.alignment.metrics import media_metrics
 from anygpt.alignment.objective import captioned_signal_states, conditioning_metrics
 
 if TYPE_CHECKING:
@@ -37,7 +40,8 @@ __all__ = ["evaluate", "caption_loss", "conditioning_report", "signal_emission_r
 
 
 def evaluate(model: "str | Path | AnyGPTPipeline", manifest: str | Path, *, decode: int = 2, seed: int = 0,
-             batch_size: int = 16, max_examples: int | None = None) -> dict[str, float]:
+             batch_size: int = 16, max_examples: int | None = None, metrics: Sequence[str] = (),
+             extractors: Mapping[str, Any] | None = None, max_new_tokens: int | None = None) -> dict[str, float]:
     """All metrics that apply to ``manifest``'s rows (see the module docstring).
 
     Args:
@@ -45,22 +49,31 @@ def evaluate(model: "str | Path | AnyGPTPipeline", manifest: str | Path, *, deco
         manifest: a JSONL manifest of caption rows and/or conversation rows.
         decode: examples per output modality decoded for the media-agreement metrics (0: none).
         seed: decoding seed (the same for both conditionings).
-        batch_size: teacher-forced batch size.
+        batch_size: teacher-forced batch size (and prompts generated at once for ``metrics``).
         max_examples: evaluate at most this many rows of each kind.
+        metrics: real-data metrics to add, names from :data:`anygpt.alignment.metrics.METRICS`
+            (``fid``, ``clip``, ``fad``, ``clap``, ``clipsim``): media generated from the captions
+            against the real files and the captions.
+        extractors: their feature extractors, ``{"clip": ..., "clap": ...}``: an object, a hub id
+            or a folder (see :func:`anygpt.alignment.metrics.load_extractor`).
+        max_new_tokens: the LLM's budget per answer when generating for ``metrics``.
     """
     pipe = _pipeline(model)
     samples = read_manifest(manifest)
     captions = [s for s in samples if s.caption is not None][:max_examples]
     dialogues = [s for s in samples if s.turns is not None][:max_examples]
-    metrics: dict[str, float] = {}
+    report: dict[str, float] = {}
     if captions and _has_media_for(pipe, captions, pipe.model.input_projectors):
-        metrics["caption_loss"] = caption_loss(pipe, captions, stage=1, batch_size=batch_size)
+        report["caption_loss"] = caption_loss(pipe, captions, stage=1, batch_size=batch_size)
     if captions and _has_media_for(pipe, captions, pipe.model.output_projectors):
-        metrics.update(conditioning_report(pipe, captions, decode=decode, seed=seed, batch_size=batch_size))
+        report.update(conditioning_report(pipe, captions, decode=decode, seed=seed, batch_size=batch_size))
     if dialogues:
-        metrics["dialogue_loss"] = caption_loss(pipe, dialogues, stage=3, batch_size=batch_size)
-        metrics.update(signal_emission_report(pipe, dialogues))
-    return metrics
+        report["dialogue_loss"] = caption_loss(pipe, dialogues, stage=3, batch_size=batch_size)
+        report.update(signal_emission_report(pipe, dialogues))
+    if metrics:
+        report.update(media_metrics(pipe, captions, metrics, extractors=extractors, seed=seed,
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens))
+    return report
 
 
 def _pipeline(model: "str | Path | AnyGPTPipeline") -> "AnyGPTPipeline":

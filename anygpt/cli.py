@@ -127,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--decode", type=int, default=2, help="manifest: examples per modality decoded (default: 2)")
     ev.add_argument("--max-examples", type=int, default=None, help="manifest: at most this many rows of each kind")
     ev.add_argument("--cases", type=int, default=18, help="world: prompts per modality and section (default: 18)")
-    ev.add_argument("--max-new-tokens", type=int, default=48, help="world: LLM budget per answer (default: 48)")
+    ev.add_argument("--max-new-tokens", type=int, default=48,
+                    help="world, and manifest with --metrics: LLM budget per answer (default: 48)")
+    ev.add_argument("--metrics", type=_csv, default=(), metavar="M[,M]",
+                    help="manifest: also score media generated from the captions, e.g. fid,clip,fad,clap,clipsim "
+                         "(see alignment/README.md)")
+    ev.add_argument("--clip-model", default=None, metavar="ID|DIR",
+                    help="manifest: CLIPModel for fid, clip and clipsim (default: openai/clip-vit-base-patch32)")
+    ev.add_argument("--clap-model", default=None, metavar="ID|DIR",
+                    help="manifest: ClapModel for fad and clap (default: laion/clap-htsat-unfused)")
     ev.add_argument("--sections", type=_csv, default=None, metavar="S[,S]",
                     help="world: decoders, forced, auto, understanding, chat (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -336,7 +344,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     # Loaded as every other command loads it, so --device, --dtype and --gpu-memory apply.
     pipe = _load_pipeline(args, progress=False)
-    metrics = evaluate(pipe, args.data, decode=args.decode, seed=args.seed, max_examples=args.max_examples)
+    metrics = evaluate(pipe, args.data, decode=args.decode, seed=args.seed, max_examples=args.max_examples,
+                       metrics=args.metrics, extractors={"clip": args.clip_model, "clap": args.clap_model},
+                       max_new_tokens=args.max_new_tokens)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(_metrics_table(metrics))
     if args.out is not None:
