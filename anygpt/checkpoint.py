@@ -33,7 +33,7 @@ from anygpt.config import CONFIG_FILENAME, AnyGPTConfig, EncoderConfig, LLMConfi
 from anygpt.encoders import IMAGEBIND_HUGE, IMAGEBIND_HUGE_ARCH
 from anygpt.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from anygpt.llm import BYTE_LEVEL, LanguageModel, _load_tokenizer, _resolve_source, hf_config_for_arch
-from anygpt.model_card import MODEL_CARD_FILENAME, model_card
+from anygpt.model_card import MODEL_CARD_FILENAME, model_card, previous_card
 from anygpt.paths import resolve_path
 from anygpt.weightfiles import check_dims, check_state, read_json_config, read_safetensors, read_torch_file
 
@@ -110,7 +110,9 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
             again when the directory is loaded.
         card: what the model card adds to the components: ``training`` (a mapping of what
             trained it), ``metrics`` (its last evaluation) and ``repo_id`` (the hub repository it
-            is pushed to), all optional.
+            is pushed to), all optional. The card of ``base_dir``, where the model was loaded
+            from, is carried over: its Training, Evaluation and user sections are kept unless
+            ``training`` or ``metrics`` replace them (:func:`anygpt.model_card.model_card`).
 
     Returns:
         ``directory``.
@@ -121,6 +123,8 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
     """
     directory = Path(directory)
     check_replaceable(directory)
+    # Read before anything is written: re-saving in place replaces the folder it lies in.
+    previous = previous_card(base_dir)
     staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -141,7 +145,7 @@ def save_model_directory(model: "AnyGPTModel", directory: str | os.PathLike, *, 
         card = dict(card or {})
         (staging / MODEL_CARD_FILENAME).write_text(
             model_card(config.to_dict(), training=card.get("training"), metrics=card.get("metrics"),
-                       repo_id=card.get("repo_id")))
+                       repo_id=card.get("repo_id"), previous=previous), encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

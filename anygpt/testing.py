@@ -1,10 +1,14 @@
-"""Helpers for tests, benchmarks and examples: small media files written on the fly."""
+"""Helpers for tests, benchmarks and examples: small media files written on the fly, and a
+pipeline wrapper that holds a stream until it is cancelled."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
+from typing import Any, Iterator
 
-__all__ = ["write_sample_media", "write_llama_shaped_tokenizer"]
+__all__ = ["write_sample_media", "write_llama_shaped_tokenizer", "HoldingPipe"]
 
 #: LLaMA's special tokens, in the order of their ids (0, 1, 2).
 _LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
@@ -65,3 +69,51 @@ def write_llama_shaped_tokenizer(folder: str | Path, vocab_size: int = 32000) ->
     folder = Path(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class HoldingPipe:
+    """A pipeline whose first stream is held after its first event until its ``cancel`` event
+    is set (at most ``hold_s`` seconds), then goes on as the wrapped pipeline's.
+
+    For tests of cancelling front ends: while held, only the front end's cancelling can end the
+    call early, and the real pipeline, let go on, must stop at its next token or denoising
+    step. Later streams are not held.
+
+    Attributes:
+        cancels: the ``cancel`` event of each stream, in call order.
+        raised: what the first stream raised (a :class:`~anygpt.errors.Cancelled` once cancelled).
+        first_event: set once the first stream has produced its first event (it is then held).
+        ended: set once the first stream has ended, however it ended.
+    """
+
+    def __init__(self, pipe: Any, hold_s: float = 120.0):
+        self.pipe, self.config, self.device, self.hold_s = pipe, pipe.config, pipe.device, hold_s
+        self.base_dir = getattr(pipe, "base_dir", None)
+        self.cancels: list[threading.Event | None] = []
+        self.raised: list[BaseException] = []
+        self.first_event, self.ended = threading.Event(), threading.Event()
+
+    def stream(self, conversation: Any, *args: Any, cancel: threading.Event | None = None,
+               **kwargs: Any) -> Iterator[Any]:
+        """The wrapped pipeline's ``stream``, held after its first event if it is the first."""
+        self.cancels.append(cancel)
+        events = self.pipe.stream(conversation, *args, cancel=cancel, **kwargs)
+        if len(self.cancels) > 1:
+            return events
+        if cancel is None:
+            raise ValueError("HoldingPipe holds a stream until it is cancelled: pass cancel=threading.Event()")
+        return self._held(events, cancel)
+
+    def _held(self, events: Iterator[Any], cancel: threading.Event) -> Iterator[Any]:
+        try:
+            with contextlib.closing(events):
+                for i, event in enumerate(events):
+                    yield event
+                    if i == 0:
+                        self.first_event.set()
+                        cancel.wait(timeout=self.hold_s)
+        except BaseException as exc:
+            self.raised.append(exc)
+            raise
+        finally:
+            self.ended.set()

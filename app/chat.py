@@ -11,14 +11,17 @@ controls from the declared options (:data:`~anygpt.config.SAMPLING_OPTIONS`,
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
+import anyio
 import gradio as gr
 
 from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
@@ -384,18 +387,26 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
         def clear():
             return [], None, ChatSession()
 
-        def api_chat(message, output, *rest):
+        async def api_chat(message, output, *rest):
+            """One turn for the named API, streamed as ``(text so far, media files so far, session)``.
+
+            An async generator run as the app's turns are, in a worker thread holding the model
+            slot: Gradio cancels a job (``gradio_client``'s ``job.cancel()``, or a client that
+            leaves) by cancelling the task iterating this generator, which raises
+            ``CancelledError`` at its ``await``; the turn's ``cancel`` is then set, and the
+            pipeline stops at its next token or denoising step. A sync generator could only be
+            closed after its current step, which is a whole decoder call.
+            """
             *values, session = rest
             session = session or ChatSession()
+            turn = _ApiTurn(lambda cancel: run_turn(
+                pipe, session, _user_message(message), output_dir=output_dir, output=output,
+                settings=ui_settings(values, options, defaults), max_upload_mb=max_upload_mb, cancel=cancel), gate)
             final, last, sent_files = None, 0.0, 0
-            # A generator, so gradio_client's submit() can stream the answer (predict() returns
-            # the last value): each update is the text so far and the media written so far.
-            # Text updates are coalesced (every update costs Gradio a serialise-and-send);
-            # new media and the final state are always sent.
-            with gate.slot():
-                for final in run_turn(pipe, session, _user_message(message), output_dir=output_dir,
-                                      output=output, settings=ui_settings(values, options, defaults),
-                                      max_upload_mb=max_upload_mb):
+            # Text updates are coalesced (every update costs Gradio a serialise-and-send); new
+            # media and the final state are always sent.
+            async with turn:
+                async for final in turn.states():
                     now = time.monotonic()
                     if final.error or not (final.done or len(final.files) > sent_files
                                            or now - last >= _API_UPDATE_S):
@@ -432,6 +443,64 @@ def build_app(pipe: Any, *, output_dir: str | Path = "outputs/app", max_upload_m
     demo.anygpt_max_upload_mb = max_upload_mb
     demo.anygpt_css = APP_CSS  # Gradio 6 takes CSS at launch (app.server.launch passes it)
     return demo
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What the API sends of a turn's state, copied in the worker (which goes on changing it)."""
+
+    text: str
+    files: list[str]
+    done: bool
+    error: str | None
+
+
+class _ApiTurn:
+    """A turn of the named API: run in a worker thread that holds a model slot, read from the
+    event loop; leaving the ``async with`` early (a cancelled job) cancels the turn and waits
+    for the worker, so the slot is free when the job is."""
+
+    def __init__(self, turn: Callable[[threading.Event], Any], gate: ModelGate):
+        self._turn, self._gate = turn, gate
+        self.cancel = threading.Event()
+        self._ended = False
+
+    async def __aenter__(self) -> "_ApiTurn":
+        self._loop = asyncio.get_running_loop()
+        self._updates: asyncio.Queue = asyncio.Queue()
+        self._worker = threading.Thread(target=self._work, name="anygpt-api-turn", daemon=True)
+        self._worker.start()
+        return self
+
+    def _put(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self._updates.put_nowait, item)
+
+    def _work(self) -> None:
+        try:
+            with self._gate.slot():
+                for state in self._turn(self.cancel):
+                    self._put(_Snapshot(state.text, list(state.files), state.done, state.error))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the reader, in the event loop
+            self._put(exc)
+        finally:
+            self._put(None)
+
+    async def states(self) -> AsyncIterator[_Snapshot]:
+        """The turn's states, in order; an error of the worker is raised here."""
+        while (item := await self._updates.get()) is not None:
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            yield item
+        self._ended = True
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # Shielded: this runs as a cancelled job's task unwinds.
+        with anyio.CancelScope(shield=True):
+            if not self._ended:
+                logger.info("API turn cancelled by its client; stopping it")
+                self.cancel.set()
+            await anyio.to_thread.run_sync(self._worker.join)
 
 
 def _key(request: Any, session: ChatSession | None) -> str:

@@ -17,29 +17,37 @@ Endpoints (all under ``/v1``):
 Errors use OpenAI's schema (``{"error": {"message", "type", "param", "code"}}``) with the
 status that fits: 400 for a bad request, 401 for a wrong key, 413 for a body over the limit,
 503 when the queue is full, 500 for a failure inside the model.
+
+A client that goes away cancels its request: generation and decoding stop at the next token or
+denoising step, and the model slot is freed for the next request. A non-streamed request (and a
+streamed one before its first token) listens for the ASGI ``http.disconnect`` message, as
+Starlette's ``StreamingResponse`` does; a stream ends when that response stops iterating it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
-import itertools
 import json
 import logging
 import mimetypes
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
-from anygpt.errors import AnyGPTError
+from anygpt.errors import AnyGPTError, Cancelled
 from anygpt.modalities import get_modality
 from anygpt.types import GenerationOutput, MediaSegment, TextDelta, TextSegment
 
@@ -48,6 +56,12 @@ from anygpt.app.gate import ModelGate, ServerBusyError
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_api", "APIError"]
+
+T = TypeVar("T")
+
+#: The status a request whose client went away ends with (nginx's "client closed request"):
+#: no one reads it, but it marks the request as cancelled in access logs.
+CLIENT_CLOSED = 499
 
 #: Request fields (OpenAI's and vLLM-Omni's extra ones) → the pipeline's settings.
 SETTING_FIELDS = {
@@ -323,19 +337,23 @@ def build_api(pipe: Any, *, api_key: str | None = None, media_dir: str | Path | 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         events = _Completion(pipe, gate, body, Path(media_dir) if media_dir else None)
         if not body.get("stream"):
-            output, message = await run_in_threadpool(events.run)
+            output, message = await until_disconnected(request, events.cancel, events.run,
+                                                       f"chat completion {completion_id}")
             return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": name,
                     "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(output)}],
                     "usage": _usage(output)}
-        first = await run_in_threadpool(events.start)  # errors before the first token are plain HTTP errors
+        # Errors before the first token are plain HTTP errors.
+        first = await until_disconnected(request, events.cancel, events.start, f"chat completion {completion_id}")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = _sse(events, first, completion_id, name, include_usage)
-        return StreamingResponse(chunks, media_type="text/event-stream")
+        return _CompletionStream(_EventPump(events, completion_id), first, name, include_usage)
 
     @api.post("/v1/images/generations")
     async def images_generations(request: Request):
         body = await read_json(request)
-        return await run_in_threadpool(_images, pipe, gate, body, "image" in pipe.config.output_modalities)
+        cancel = threading.Event()
+        has_images = "image" in pipe.config.output_modalities
+        return await until_disconnected(request, cancel, lambda: _images(pipe, gate, body, has_images, cancel),
+                                        "image generation")
 
     return api
 
@@ -348,6 +366,8 @@ class _Completion:
         self._scratch = tempfile.TemporaryDirectory(prefix="anygpt-api-")
         self._stack = None
         self._stream = None
+        #: Set when the client goes away: the pipeline stops at its next token or denoising step.
+        self.cancel = threading.Event()
 
     def _open(self) -> Iterator[Any]:
         from contextlib import ExitStack
@@ -366,7 +386,8 @@ class _Completion:
         self._stack = ExitStack()
         self._stack.enter_context(self.gate.slot())
         self._stack.callback(self._scratch.cleanup)
-        return self.pipe.stream(conversation, outputs=outputs, **settings)  # answers the last user turn
+        # Answers the last user turn.
+        return self.pipe.stream(conversation, outputs=outputs, cancel=self.cancel, **settings)
 
     def start(self) -> Any:
         """Open the stream and return its first event (request errors raise :class:`APIError`)."""
@@ -377,8 +398,14 @@ class _Completion:
             self.close()
             raise _as_api_error(exc) from exc
 
+    @property
+    def scratch(self) -> Path:
+        """The request's temporary folder (its media in, its answer's media out)."""
+        return Path(self._scratch.name)
+
     def events(self) -> Iterator[Any]:
-        """The events after the first; the slot is released when they end or the client leaves."""
+        """The events after the first; the slot is released when they end or fail (a
+        :class:`~anygpt.errors.Cancelled` once :attr:`cancel` is set)."""
         try:
             yield from self._stream
         finally:
@@ -389,7 +416,7 @@ class _Completion:
         try:
             for event in self.events():
                 pass
-            return event, media_message(event, Path(self._scratch.name))
+            return event, media_message(event, self.scratch)
         except BaseException as exc:
             raise _as_api_error(exc) from exc
         finally:
@@ -406,6 +433,9 @@ class _Completion:
 def _as_api_error(exc: BaseException) -> BaseException:
     if isinstance(exc, APIError | GeneratorExit | KeyboardInterrupt):
         return exc
+    if isinstance(exc, Cancelled):  # only our disconnect handling sets the cancel event
+        return APIError(CLIENT_CLOSED, f"the client closed the request ({exc})", type="server_error",
+                        code="client_closed_request")
     if isinstance(exc, ServerBusyError):
         return APIError(503, str(exc), type="server_error", code="server_busy")
     if isinstance(exc, AnyGPTError):
@@ -414,22 +444,134 @@ def _as_api_error(exc: BaseException) -> BaseException:
     return APIError(500, f"generation failed ({type(exc).__name__}: {exc})", type="server_error")
 
 
-def _sse(completion: _Completion, first: Any, completion_id: str, model: str, include_usage: bool) -> Iterator[str]:
+# --------------------------------------------------------------------------------------------
+# Clients that go away
+# --------------------------------------------------------------------------------------------
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects.
+
+    The body has been read, so the next ASGI message is ``http.disconnect``: waiting for it
+    costs nothing, unlike polling ``request.is_disconnected()`` (Starlette's own
+    ``StreamingResponse.listen_for_disconnect`` waits the same way).
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, cancel: threading.Event, work: Callable[[], T], what: str) -> T:
+    """Run ``work`` in a worker thread; if the client disconnects first, set ``cancel`` (the
+    pipeline then stops at its next token or denoising step) and wait for ``work`` to end.
+
+    Raises:
+        APIError: the client went away (status 499), or whatever ``work`` raised.
+    """
+    task = asyncio.ensure_future(run_in_threadpool(work))
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            logger.info("%s: the client disconnected; cancelling it", what)
+            cancel.set()
+            await asyncio.wait({task})
+            logger.info("%s: cancelled; its model slot is free", what)
+        return task.result()
+    finally:
+        watcher.cancel()
+        if not task.done():  # the server itself cancelled this request (shutting down)
+            cancel.set()
+
+
+_END = object()
+
+
+class _EventPump:
+    """A completion's remaining events, read by a thread of its own and handed to the event loop.
+
+    A thread of its own, because a decoder call yields no event for seconds: the stream must be
+    able to stop (set the cancel event) while the pipeline is inside one, which it could not if
+    it awaited that call itself.
+    """
+
+    def __init__(self, completion: _Completion, completion_id: str):
+        self.completion, self.id = completion, completion_id
+        self.what = f"chat completion {completion_id}"
+        self.ended = False  # the consumer saw the last event (or the error)
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._stopped = asyncio.Event()
+        threading.Thread(target=self._work, name=f"anygpt-{completion_id}", daemon=True).start()
+
+    def _work(self) -> None:
+        try:
+            for event in self.completion.events():
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+        except BaseException as exc:  # noqa: BLE001 - raised again by the consumer, in the event loop
+            if self.completion.cancel.is_set() and not isinstance(exc, Cancelled):
+                logger.warning("%s failed after its client left", self.what, exc_info=exc)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
+        finally:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+
+    async def events(self) -> AsyncIterator[Any]:
+        """The events, in order; an error in the pipeline is raised here."""
+        while True:
+            item = await self._queue.get()
+            if item is _END or isinstance(item, BaseException):
+                self.ended = True
+                if item is _END:
+                    return
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        """Cancel the completion unless it has ended, and wait until its thread (and with it
+        the model slot) is released. Shielded: this runs as a cancelled response unwinds."""
+        with anyio.CancelScope(shield=True):
+            if not self.ended:
+                logger.info("%s: the client disconnected; cancelling it", self.what)
+                self.completion.cancel.set()
+            await self._stopped.wait()
+            if not self.ended:
+                logger.info("%s: cancelled; its model slot is free", self.what)
+
+
+class _CompletionStream(StreamingResponse):
+    """A streamed completion that is cancelled when the response stops before its end.
+
+    Starlette stops a response whose client disconnected: for ASGI servers before spec 2.4
+    (uvicorn) it cancels the response's task when ``http.disconnect`` arrives, and for later
+    ones a ``send`` raises ``OSError`` (``ClientDisconnect``). Either way the body iterator is
+    abandoned mid-way, so the cancelling is done here, when the response call ends.
+    """
+
+    def __init__(self, pump: _EventPump, first: Any, model: str, include_usage: bool):
+        super().__init__(_sse(pump, first, model, include_usage), media_type="text/event-stream")
+        self.pump = pump
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.pump.close()
+
+
+async def _sse(pump: _EventPump, first: Any, model: str, include_usage: bool) -> AsyncIterator[str]:
     """The completion as server-sent event lines."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        data = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        data = {"id": pump.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(data)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
     output = None
     try:
-        for item in itertools.chain([first], completion.events()):
+        async for item in _chain(first, pump.events()):
             if isinstance(item, TextDelta) and item.text:
                 yield chunk({"content": item.text})
             elif isinstance(item, GenerationOutput):
                 output = item
-        message = media_message(output, Path(completion._scratch.name))
+        message = media_message(output, pump.completion.scratch)
         media = {k: v for k, v in message.items() if k == "audio"}
         if isinstance(message["content"], list):
             media["content"] = [p for p in message["content"] if p["type"] != "text"]
@@ -440,12 +582,17 @@ def _sse(completion: _Completion, first: Any, completion_id: str, model: str, in
         error = _as_api_error(exc)
         body = error.body() if isinstance(error, APIError) else {"error": {"message": str(exc), "type": "server_error"}}
         yield f"data: {json.dumps(body)}\n\n"
-    finally:
-        completion.close()
     yield "data: [DONE]\n\n"
 
 
-def _images(pipe: Any, gate: ModelGate, body: dict[str, Any], has_images: bool) -> dict[str, Any]:
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _images(pipe: Any, gate: ModelGate, body: dict[str, Any], has_images: bool,
+            cancel: threading.Event) -> dict[str, Any]:
     if not has_images:
         raise APIError(400, "this model does not generate images")
     prompt = body.get("prompt")
@@ -471,7 +618,7 @@ def _images(pipe: Any, gate: ModelGate, body: dict[str, Any], has_images: bool) 
     with tempfile.TemporaryDirectory(prefix="anygpt-api-") as scratch:
         try:
             with gate.slot():
-                outputs = pipe.batch([prompt] * count, outputs=("image",), **settings)
+                outputs = pipe.batch([prompt] * count, outputs=("image",), cancel=cancel, **settings)
         except Exception as exc:
             raise _as_api_error(exc) from exc
         data = []

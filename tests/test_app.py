@@ -406,7 +406,10 @@ def test_ui_values_map_to_pipeline_settings():
 def test_api_settings_reach_the_pipeline_by_name(server, tiny_pipe):
     ask(client_for(server), "settings probe", max_new_tokens=3, top_p=0.5, seed=5, steps=1, height=0)
     generation = tiny_pipe.config.generation
-    assert server[2].calls["settings probe"] == {
+    calls = dict(server[2].calls["settings probe"])
+    cancel = calls.pop("cancel")  # job.cancel() sets it; this job ran to its end
+    assert isinstance(cancel, threading.Event) and not cancel.is_set()
+    assert calls == {
         "media": {}, "outputs": (), "max_new_tokens": 3, "temperature": generation.temperature,
         "top_p": 0.5, "seed": 5, "steps": 1}  # height 0 and the other decode settings: preset default
 
@@ -573,3 +576,35 @@ def test_a_stopped_turn_keeps_its_answer_marked_stopped_and_the_next_turn_works(
     again = list(run_turn(tiny_pipe, session, UserMessage("Draw again."), output_dir=tmp_path, output="image",
                           settings={"steps": 1, "max_new_tokens": 3}))[-1]
     assert again.done and len(again.files) >= 1 and len(session.conversation.turns) == 2
+
+
+def test_cancelling_an_api_job_stops_the_turn_and_frees_the_slot(tiny_pipe, tmp_path, caplog):
+    from anygpt.app.chat import build_app
+    from anygpt.app.gate import ModelGate
+    from anygpt.app.server import launch
+    from anygpt.errors import Cancelled
+    from anygpt.testing import HoldingPipe
+
+    caplog.set_level(logging.INFO, logger="anygpt.app.chat")
+    pipe, gate = HoldingPipe(tiny_pipe), ModelGate(1, max_waiting=1)
+    demo = build_app(pipe, output_dir=tmp_path, gate=gate)
+    launch(demo, host="127.0.0.1", port=_free_port(), block=False)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        job = client.submit({"text": "Draw a square.", "files": []}, "image", api_name="/chat",
+                            steps=20, max_new_tokens=3, seed=1)
+        assert pipe.first_event.wait(TIMEOUT), "the turn never started"
+        job.cancel()  # held until the turn's cancel is set: nothing else can end it early
+        assert pipe.cancels[0].wait(TIMEOUT) and pipe.ended.wait(TIMEOUT)
+        assert isinstance(pipe.raised[0], Cancelled), pipe.raised
+        def take_the_slot():  # max_waiting=1: waits for the slot, which the cancelled turn must give back
+            with gate.slot():
+                pass
+
+        freed = threading.Thread(target=take_the_slot)
+        freed.start()
+        freed.join(TIMEOUT)
+        assert not freed.is_alive(), "the cancelled turn kept its model slot"
+        assert "API turn cancelled by its client" in caplog.text
+    finally:
+        demo.close()

@@ -1,9 +1,11 @@
 """The OpenAI-compatible API, called with the official `openai` client (through Starlette's test
 transport: the same HTTP requests, no port)."""
 
+import asyncio
 import base64
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from anygpt.app.gate import ModelGate  # noqa: E402
 from anygpt.app.openai_api import build_api  # noqa: E402
 from anygpt.modalities import get_modality  # noqa: E402
+from anygpt.testing import HoldingPipe  # noqa: E402
 
 KEY = "test-key"
 FAST = {"num_inference_steps": 2, "seed": 0}
@@ -195,3 +198,101 @@ def test_the_server_mounts_the_chat_app_at_the_root(tiny_pipe, tmp_path):
         models = http.get("/v1/models")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert models.status_code == 200 and models.json()["data"][0]["id"] == tiny_pipe.config.name
+
+
+# A client that goes away --------------------------------------------------------------------
+SLOW = {"max_tokens": 4, "modalities": ["text", "image"], "num_inference_steps": 20, "seed": 0}
+
+
+class _Sent(list):
+    """The messages an app sent (a list that can carry an event)."""
+
+
+async def _post_and_leave(app, body, until):
+    """POST ``body`` to ``app`` over raw ASGI (as uvicorn does: ASGI spec 2.3); the client
+    disconnects once ``until(sent)`` returns (``sent``: the messages the app sent so far, a
+    list that grows). Returns the messages the app sent."""
+    raw, sent, requested = json.dumps(body).encode(), _Sent(), False
+    leave = asyncio.Event()
+
+    async def receive():
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        frame_sent.set()
+
+    async def client():
+        await until(sent)
+        leave.set()
+
+    frame_sent = asyncio.Event()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
+    sent.frame_sent = frame_sent
+    leaving = asyncio.ensure_future(client())
+    await app(scope, receive, send)
+    leaving.cancel()
+    return sent
+
+
+def _frames(sent):
+    return [m["body"] for m in sent if m["type"] == "http.response.body" and m["body"].startswith(b"data:")]
+
+
+def _assert_cancelled_and_free(pipe, gate, caplog):
+    from anygpt.errors import Cancelled
+
+    assert pipe.cancels[-1].is_set()
+    assert pipe.raised and isinstance(pipe.raised[-1], Cancelled), pipe.raised
+    assert "the client disconnected; cancelling it" in caplog.text
+    assert "its model slot is free" in caplog.text
+    with gate.slot():  # max_waiting=0: a slot still held would raise ServerBusyError
+        pass
+
+
+def _second_request_is_answered(app):
+    with TestClient(app) as http:
+        response = http.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+            {"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+
+
+def test_a_stream_closed_after_the_first_delta_cancels_and_frees_the_slot(tiny_pipe, caplog):
+    pipe, gate = HoldingPipe(tiny_pipe), ModelGate(1, max_waiting=0)
+    app = build_api(pipe, gate=gate)
+
+    async def after_the_first_frame(sent):
+        while not _frames(sent):
+            sent.frame_sent.clear()
+            await sent.frame_sent.wait()
+
+    caplog.set_level(logging.INFO, logger="anygpt.app.openai_api")
+    body = {**SLOW, "stream": True, "messages": [{"role": "user", "content": "draw"}]}
+    frames = _frames(asyncio.run(_post_and_leave(app, body, after_the_first_frame)))
+    assert frames and b'"role": "assistant"' in frames[0]
+    assert b"[DONE]" not in b"".join(frames)  # the stream did not run to its end
+    _assert_cancelled_and_free(pipe, gate, caplog)
+    _second_request_is_answered(app)
+
+
+def test_a_request_whose_client_leaves_is_cancelled_and_frees_the_slot(tiny_pipe, caplog):
+    pipe, gate = HoldingPipe(tiny_pipe), ModelGate(1, max_waiting=0)
+    app = build_api(pipe, gate=gate)
+
+    async def once_generating(sent):
+        await asyncio.to_thread(pipe.first_event.wait, pipe.hold_s)
+
+    caplog.set_level(logging.INFO, logger="anygpt.app.openai_api")
+    body = {**SLOW, "messages": [{"role": "user", "content": "draw"}]}
+    sent = asyncio.run(_post_and_leave(app, body, once_generating))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    _assert_cancelled_and_free(pipe, gate, caplog)
+    _second_request_is_answered(app)
