@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["MetricSpec", "METRICS", "EXTRACTORS", "ImageTextEmbedder", "AudioTextEmbedder", "ClipEmbedder",
-           "ClapEmbedder", "load_extractor", "frechet_distance", "caption_similarity", "media_metrics"]
+           "ClapEmbedder", "ImageBindEmbedder", "OWN_ENCODER", "load_extractor", "frechet_distance",
+           "caption_similarity", "media_metrics"]
 
 
 @dataclass(frozen=True)
@@ -218,22 +219,72 @@ def _mono_at(audio: Audio, rate: int) -> np.ndarray:
     return wave.numpy()
 
 
+class ImageBindEmbedder:
+    """Both protocols from an AnyGPT model's own ImageBind encoder, which binds images, video
+    frames, audio and text in one space: the only trained extractor of a world that CLIP and
+    CLAP never saw (the miniature's). Its scores are comparable between models only when they
+    share the encoder.
+
+    Args:
+        model: an :class:`~anygpt.model.AnyGPTModel` (``pipe.model``) with an ImageBind encoder.
+        batch_size: items per encoder call.
+    """
+
+    def __init__(self, model: Any, batch_size: int = 32):
+        self.model, self.batch_size = model, batch_size
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Unit-length image embeddings (N, D), float32 on the CPU."""
+        from PIL import Image
+
+        return self._media("image", [Image.fromarray(image) for image in images])
+
+    @torch.no_grad()
+    def embed_audio(self, audio: Sequence[Audio]) -> torch.Tensor:
+        """Unit-length audio embeddings (N, D), float32 on the CPU."""
+        return self._media("audio", list(audio))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length text embeddings (N, D) from ImageBind's text trunk, float32 on the CPU."""
+        from anygpt.alignment.encoder_training import caption_embeddings
+
+        return caption_embeddings(self.model.encoder, list(texts), self.batch_size).float().cpu()
+
+    def _media(self, modality: str, values: list[Any]) -> torch.Tensor:
+        chunks = [self.model.encode_items(modality, values[i:i + self.batch_size])
+                  for i in range(0, len(values), self.batch_size)]
+        return torch.cat(chunks).float().cpu() if chunks else torch.empty(0)
+
+
+#: The extractor name that means the evaluated model's own encoder (:class:`ImageBindEmbedder`).
+OWN_ENCODER = "encoder"
+
 _EMBEDDERS = {"clip": ClipEmbedder, "clap": ClapEmbedder}
 
 
-def load_extractor(kind: str, value: Any = None, device: str | torch.device | None = None) -> Any:
+def load_extractor(kind: str, value: Any = None, device: str | torch.device | None = None,
+                   model: Any = None) -> Any:
     """The ``kind`` (``"clip"`` or ``"clap"``) extractor: ``value`` itself if it has the methods
-    of its protocol, else loaded from a hub id or folder (``None``: :data:`EXTRACTORS`' default).
+    of its protocol, :data:`OWN_ENCODER` for ``model``'s own encoder (:class:`ImageBindEmbedder`),
+    else loaded from a hub id or folder (``None``: :data:`EXTRACTORS`' default).
 
     Raises:
         UnknownNameError: ``kind`` is not an extractor kind.
-        ConfigError: ``value`` is neither a name nor an object with the protocol's methods.
+        ConfigError: ``value`` is neither a name nor an object with the protocol's methods, or
+            is :data:`OWN_ENCODER` without a ``model``.
         WeightsNotFoundError: the named model cannot be loaded.
     """
     if kind not in EXTRACTORS:
         raise UnknownNameError("feature extractor", kind, list(EXTRACTORS))
     if isinstance(value, _PROTOCOLS[kind]):
         return value
+    if value == OWN_ENCODER:
+        if model is None:
+            raise ConfigError(f"the {kind} feature extractor {OWN_ENCODER!r} is the evaluated model's own "
+                              "encoder: pass the model (media_metrics does), or name a hub id or folder")
+        return ImageBindEmbedder(model)
     if value is None or isinstance(value, (str, os.PathLike)):
         return _EMBEDDERS[kind].from_pretrained(value or EXTRACTORS[kind], device=device)
     protocol = _PROTOCOLS[kind]
@@ -314,8 +365,8 @@ def media_metrics(pipe: "AnyGPTPipeline", samples: Sequence[Sample], metrics: Se
         pipe: the model.
         samples: manifest rows (conversation rows are ignored).
         metrics: names from :data:`METRICS`.
-        extractors: :data:`EXTRACTORS` kind → an extractor object, hub id or folder (absent: the
-            default hub model).
+        extractors: :data:`EXTRACTORS` kind → an extractor object, hub id or folder, or
+            :data:`OWN_ENCODER` (absent: the default hub model).
         seed: generation seed of the first row.
         batch_size: prompts generated at once.
         max_new_tokens: the LLM's budget per answer (default: the model's generation setting).
@@ -325,7 +376,7 @@ def media_metrics(pipe: "AnyGPTPipeline", samples: Sequence[Sample], metrics: Se
         ConfigError: the model does not generate a requested metric's modality.
     """
     specs = _check_metrics(pipe, metrics)
-    loaded = {kind: load_extractor(kind, (extractors or {}).get(kind), device=pipe.device)
+    loaded = {kind: load_extractor(kind, (extractors or {}).get(kind), device=pipe.device, model=pipe.model)
               for kind in sorted({spec.extractor for spec in specs.values()})}
     results: dict[str, float] = {}
     for modality in dict.fromkeys(spec.modality for spec in specs.values()):

@@ -130,12 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=48,
                     help="world, and manifest with --metrics: LLM budget per answer (default: 48)")
     ev.add_argument("--metrics", type=_csv, default=(), metavar="M[,M]",
-                    help="manifest: also score media generated from the captions, e.g. fid,clip,fad,clap,clipsim "
-                         "(see alignment/README.md)")
+                    help="also score media generated from the captions (manifest) or for every world item "
+                         "(world), e.g. fid,clip,fad,clap,clipsim (see alignment/README.md)")
     ev.add_argument("--clip-model", default=None, metavar="ID|DIR",
-                    help="manifest: CLIPModel for fid, clip and clipsim (default: openai/clip-vit-base-patch32)")
+                    help="CLIPModel for fid, clip and clipsim, or 'encoder' (the model's own; the default "
+                         "of world); manifest default: openai/clip-vit-base-patch32")
     ev.add_argument("--clap-model", default=None, metavar="ID|DIR",
-                    help="manifest: ClapModel for fad and clap (default: laion/clap-htsat-unfused)")
+                    help="ClapModel for fad and clap, or 'encoder'; manifest default: laion/clap-htsat-unfused")
     ev.add_argument("--sections", type=_csv, default=None, metavar="S[,S]",
                     help="world: decoders, forced, auto, understanding, chat (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -370,7 +371,9 @@ def _eval_world(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args, progress=False)
     report = evaluate_world(pipe, seed=args.seed, cases=args.cases, max_new_tokens=args.max_new_tokens,
-                            sections=args.sections or tuple(BARS), progress=sys.stderr.isatty())
+                            sections=args.sections or tuple(BARS), metrics=args.metrics,
+                            extractors={"clip": args.clip_model, "clap": args.clap_model},
+                            progress=sys.stderr.isatty())
     print(report.table())
     if args.out is not None:
         for path in _write_world_report(report, args.out):
@@ -387,7 +390,7 @@ def _write_world_report(report, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "metrics.json", folder / "table.txt"]
     written[0].write_text(json.dumps({"rates": report.rates, "counts": report.counts, "passes": report.passes(),
-                                      "answers": report.answers}, indent=2) + "\n")
+                                      "metrics": report.metrics, "answers": report.answers}, indent=2) + "\n")
     written[1].write_text(report.table() + "\n")
     makers = {"image": sheets.image_sheet, "video": sheets.clip_sheet, "audio": sheets.spectrogram_sheet}
     for section, by_modality in report.samples.items():

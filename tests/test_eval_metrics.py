@@ -205,6 +205,38 @@ def test_an_extractor_is_an_object_a_name_or_a_folder_and_nothing_else(tmp_path)
         load_extractor("clip", tmp_path / "missing")
 
 
+def test_the_models_own_encoder_embeds_media_and_captions_in_one_space(tiny_pipe, data):
+    from anygpt.alignment.data import read_manifest
+    from anygpt.alignment.encoder_training import caption_embeddings
+    from anygpt.alignment.metrics import OWN_ENCODER, ImageBindEmbedder
+    from anygpt.modalities import get_modality
+
+    embedder = load_extractor("clip", OWN_ENCODER, model=tiny_pipe.model)
+    assert isinstance(embedder, ImageBindEmbedder) and load_extractor("clap", OWN_ENCODER, model=tiny_pipe.model)
+    rows = read_manifest(data["captions_val"])
+    images = [s.media["image"][0] for s in rows if "image" in s.media][:3]
+    values = [np.asarray(get_modality("image").load(path).convert("RGB")) for path in images]
+    got = embedder.embed_images(values)
+    torch.testing.assert_close(got, tiny_pipe.model.encode_items("image", images).float())
+    sounds = [get_modality("audio").load(s.media["audio"][0]) for s in rows if "audio" in s.media][:2]
+    torch.testing.assert_close(embedder.embed_audio(sounds), tiny_pipe.model.encode_items("audio", sounds).float())
+    texts = embedder.embed_texts(["a red circle", "a low sine tone"])
+    torch.testing.assert_close(texts, caption_embeddings(tiny_pipe.model.encoder, ["a red circle", "a low sine tone"]))
+    assert got.shape[1] == texts.shape[1] == tiny_pipe.model.encoder.output_dim
+    with pytest.raises(ConfigError, match="the evaluated model's own encoder"):
+        load_extractor("clip", OWN_ENCODER)
+
+
+def test_world_evaluation_reports_the_metrics_beside_the_rates(tiny_pipe):
+    from anygpt.alignment.world.evaluate import evaluate_world
+
+    # The 9 world sounds (the 54 images and 72 clips take the same path, at more cost).
+    report = evaluate_world(tiny_pipe, sections=("chat",), metrics=["fad", "clap"], max_new_tokens=2, progress=False)
+    assert set(report.metrics) == {"fad/audio", "clap/audio"}
+    assert report.metrics["fad/audio"] > 0 and -1 <= report.metrics["clap/audio"] <= 1
+    assert "metrics       fad/audio" in report.table() and "chat" in report.rates
+
+
 # Generation and the CLI -------------------------------------------------------------------------
 
 

@@ -12,6 +12,11 @@
   name the item's attributes (and no other value of them);
 * ``chat``: a few fixed general questions with known answers.
 
+With ``metrics``, the real-data metrics of :mod:`anygpt.alignment.metrics` (FID, CLIP score,
+FAD, CLAP score, CLIPSIM) are reported beside them: the whole system's forced answers to a
+request for every world item, against one rendering of each item and its caption, with the
+model's own encoder as the feature extractor by default (no CLIP or CLAP knows this world).
+
 Generated media are judged by :mod:`.detect`, which knows only the world's spec. A detection
 below its confidence threshold counts as wrong, so noise cannot score by chance.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -81,6 +86,7 @@ class WorldReport:
             ``decoders`` and ``forced`` sections), with their captions in ``captions``.
         captions: section → modality → the caption of each kept sample.
         answers: ``(prompt, answer text)`` of the understanding and chat cases, for reading.
+        metrics: real-data metrics, ``fid/image`` … → value (with ``metrics=``).
     """
 
     rates: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -88,6 +94,7 @@ class WorldReport:
     samples: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     captions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     answers: list[tuple[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def passes(self) -> dict[str, dict[str, bool]]:
         """Section → key → whether the measured rate reaches :data:`BARS` (measured keys only)."""
@@ -103,6 +110,7 @@ class WorldReport:
                 bar = BARS.get(section, {}).get(key)
                 mark = "" if bar is None else f"{bar:>6.0%}{' ok' if rate >= bar else ' --'}"
                 lines.append(f"{section:<14}{key:<28}{rate:>7.1%}{self.counts[section][key]:>7}{mark:>10}")
+        lines += [f"{'metrics':<14}{key:<28}{value:>7.4g}" for key, value in self.metrics.items()]
         return "\n".join(lines)
 
     def _store(self, section: str, tallies: dict[str, _Tally]) -> None:
@@ -116,6 +124,7 @@ class WorldReport:
 
 def evaluate_world(pipe: "AnyGPTPipeline", *, seed: int = 0, cases: int = 18, max_new_tokens: int = 48,
                    decode_batch: int = 16, sections: Sequence[str] = tuple(BARS),
+                   metrics: Sequence[str] = (), extractors: Mapping[str, Any] | None = None,
                    progress: bool = True) -> WorldReport:
     """Measure ``pipe`` on the world (see the module docstring).
 
@@ -126,6 +135,9 @@ def evaluate_world(pipe: "AnyGPTPipeline", *, seed: int = 0, cases: int = 18, ma
         max_new_tokens: the LLM's budget per answer.
         decode_batch: captions decoded at once in the ``decoders`` section.
         sections: which of ``decoders``, ``forced``, ``auto``, ``understanding``, ``chat`` to run.
+        metrics: real-data metrics to add (names of :data:`anygpt.alignment.metrics.METRICS`).
+        extractors: their feature extractors by kind (``clip``, ``clap``; see
+            :func:`anygpt.alignment.metrics.media_metrics`); default the model's own encoder.
         progress: show a progress bar per section.
 
     Returns:
@@ -148,6 +160,9 @@ def evaluate_world(pipe: "AnyGPTPipeline", *, seed: int = 0, cases: int = 18, ma
     for section in sections:
         logger.info("world evaluation: %s", section)
         runs[section]()
+    if metrics:
+        logger.info("world evaluation: metrics %s", ", ".join(metrics))
+        report.metrics = _media_metrics(pipe, metrics, extractors, seed, max_new_tokens)
     return report
 
 
@@ -244,6 +259,29 @@ def _chat(pipe, report, seed, settings) -> None:
         report.answers.append((question, answer))
         tally.add(re.search(pattern, answer.lower()) is not None)
     report._store("chat", {"correct": tally})
+
+
+def _media_metrics(pipe, metrics, extractors, seed, max_new_tokens) -> dict[str, float]:
+    """Every world item of each scored modality, rendered once into a temporary manifest's files,
+    then :func:`~anygpt.alignment.metrics.media_metrics` on it."""
+    import tempfile
+    from pathlib import Path
+
+    from anygpt.alignment.data import Sample
+    from anygpt.alignment.metrics import METRICS, OWN_ENCODER, media_metrics
+    from anygpt.modalities import get_modality
+
+    modalities = dict.fromkeys(METRICS[name].modality for name in metrics if name in METRICS)
+    with tempfile.TemporaryDirectory(prefix="anygpt-world-") as folder:
+        samples = []
+        for modality in modalities:
+            spec, rng = get_modality(modality), np.random.default_rng([seed, 11, MODALITIES.index(modality)])
+            for item in all_items(modality):
+                path = Path(folder) / f"{len(samples):04d}{spec.output_suffix}"
+                spec.write(render_item(item, rng), path)
+                samples.append(Sample(line=len(samples) + 1, media={modality: [path]}, caption=item.caption()))
+        chosen = {"clip": OWN_ENCODER, "clap": OWN_ENCODER, **{k: v for k, v in (extractors or {}).items() if v}}
+        return media_metrics(pipe, samples, metrics, extractors=chosen, seed=seed, max_new_tokens=max_new_tokens)
 
 
 # Helpers ----------------------------------------------------------------------------------
