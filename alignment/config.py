@@ -25,7 +25,7 @@ from anygpt.modalities import MODALITIES
 __all__ = [
     "TrainConfig", "DataConfig", "TrainableConfig", "LoraConfig", "LossConfig", "OptimConfig",
     "ScheduleConfig", "LoopConfig", "EvalConfig", "CheckpointConfig", "LogConfig",
-    "load_train_config", "apply_overrides", "CONFIG_DIR", "shipped_configs",
+    "load_train_config", "apply_overrides", "CONFIG_DIR", "shipped_configs", "is_shard_source",
 ]
 
 #: The shipped stage configs.
@@ -42,6 +42,12 @@ def _path_field(default: Any) -> Any:
     """A field holding a path: relative values resolve against the config file's folder (values
     given as command-line overrides, against the current directory)."""
     return field(default=default, metadata={"path": True})
+
+
+def is_shard_source(value: str) -> bool:
+    """True when ``value`` (``data.train``) names WebDataset shards rather than a JSONL manifest:
+    a folder, a ``.tar`` file or a brace pattern (``shard-{000000..000009}.tar``)."""
+    return bool(value) and ("{" in value or value.endswith(".tar") or Path(value).expanduser().is_dir())
 
 
 def path_keys(cls: type | None = None, prefix: str = "") -> list[str]:
@@ -62,7 +68,10 @@ class DataConfig:
     """Where the examples come from.
 
     Attributes:
-        train: JSONL manifest of training samples (captions for stages 1–2, dialogues for 3).
+        train: the training samples: a JSONL manifest (captions for stages 1–2, dialogues for 3),
+            or, for stages 1–2, WebDataset shards of caption pairs: a folder of ``.tar`` files, one
+            ``.tar`` file or a brace pattern (``shards/shard-{000000..000099}.tar``); see
+            :mod:`alignment.shards`. Shards stream: media are decoded in the DataLoader workers.
         val: JSONL manifest of held-out samples (evaluation); None disables evaluation.
         modalities: media modalities to use (default: every modality the model has).
         on_error: what to do with a malformed manifest line: ``skip`` (log it) or ``fail``.
@@ -75,6 +84,8 @@ class DataConfig:
         target_dtype: the dtype targets are stored in (``float16``, ``bfloat16``, ``float32``;
             default each decoder's own).
         num_workers: DataLoader worker processes.
+        shuffle_buffer: shards only: samples each process holds to shuffle its stream (0: in
+            shard order; the shard order itself is shuffled every epoch either way).
     """
 
     train: str = _path_field("")
@@ -86,9 +97,17 @@ class DataConfig:
     target_shard_size: Optional[int] = None
     target_dtype: Optional[str] = None
     num_workers: int = 0
+    shuffle_buffer: int = 1000
 
     def validate(self, path: str) -> None:
-        require(bool(self.train), f"{path}.train", "set the training manifest (a .jsonl file)")
+        require(bool(self.train), f"{path}.train",
+                "set the training data: a .jsonl manifest, or a folder / pattern of WebDataset .tar shards")
+        require(self.shuffle_buffer >= 0, f"{path}.shuffle_buffer", "must be >= 0 (0: no shuffle buffer)")
+        for name in ("val", "decoding_train"):
+            value = getattr(self, name)
+            require(value is None or not is_shard_source(value), f"{path}.{name}",
+                    f"{value} names WebDataset shards, but {name} must be a .jsonl manifest (only data.train "
+                    f"streams shards)")
         require(self.on_error in ("skip", "fail"), f"{path}.on_error", "must be skip or fail")
         require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
         require(self.target_shard_size is None or self.target_shard_size >= 1, f"{path}.target_shard_size",
@@ -325,6 +344,12 @@ class TrainConfig:
                "only stage 3 mixes in decoding examples; stage 2 reads its captions from data.train")
         require(not (needs_captions and self.stage == 1), f"{path}.loss",
                "stage 1 examples have no signal runs; set condition_mse and denoising to 0")
+        if is_shard_source(self.data.train):
+            require(self.stage in (1, 2), f"{path}.data.train",
+                    "WebDataset shards hold caption pairs, for stages 1 and 2; stage 3 needs a dialogue .jsonl manifest")
+            require(self.loss.denoising == 0, f"{path}.loss.denoising",
+                    "the denoising loss reads media files from a .jsonl manifest; set it to 0 with shards, or "
+                    "train from a manifest")
         require(not needs_captions or self.trainable.output_projectors or self.trainable.signal_embeddings
                or self.trainable.lora, f"{path}.loss",
                "condition_mse/denoising need something on the output side to train")

@@ -15,6 +15,7 @@ are resumable and atomic (:mod:`alignment.checkpointing`), and each one redraws 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -29,11 +30,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from anygpt.alignment.checkpointing import (Checkpointer, TrainState, check_room, check_writable, checkpoint_bytes,
                                             write_error)
-from anygpt.alignment.config import TrainConfig
+from anygpt.alignment.config import TrainConfig, is_shard_source
 from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
 from anygpt.alignment.optim import WarmupDecay
 from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, MediaTargets
 from anygpt.alignment.plots import MetricHistory, RunPlots
+from anygpt.alignment.shards import ShardStream, StreamBatcher, collate_raw, list_shards, stream_plan
 from anygpt.alignment.targets import TargetCache
 from anygpt.alignment.tracking import METRICS_FILE, build_trackers
 from anygpt.alignment.trainable import TrainableParameters, configure_trainable, merge_into_model
@@ -66,6 +68,7 @@ class _Data:
     train: Dataset
     val: Dataset | None
     samples: list  # every caption row (train and val), for targets and denoising media
+    train_items: list = dataclasses.field(default_factory=list)  # a shard stream's examples (targets only)
 
 
 # =============================================================================================
@@ -94,7 +97,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> T
     pipe = _load_pipeline(config, accelerator)
     model = pipe.model
     trainable = configure_trainable(model, config.trainable, seed=config.seed)
-    data = build_data(config, model)
+    data = build_data(config, model, rank=accelerator.process_index, world_size=accelerator.num_processes)
     objective = AlignmentObjective(model, config.loss, extra=trainable.modules,
                                    frozen_prefix=config.train.frozen_prefix,
                                    prefix_cache_mb=config.train.prefix_cache_mb,
@@ -103,8 +106,14 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> T
     if config.checkpoint.every:
         check_room(output, checkpoint_bytes(trainable, optimizer))
     scheduler = build_scheduler(optimizer, config)
-    loader, sampler = _train_loader(config, data.train, model)
-    prepared, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+    if isinstance(data.train, ShardStream):
+        # Not through accelerator.prepare: the stream already gives each process its own shards.
+        prepared, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+        batches = functools.partial(_stream_batches, config, data.train, model, accelerator)
+    else:
+        loader, sampler = _train_loader(config, data.train, model)
+        prepared, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+        batches = functools.partial(_batches, loader, sampler, accelerator)
     checkpointer = Checkpointer(accelerator, output / "checkpoints", trainable, config, keep=config.checkpoint.keep)
     if resume:
         state = checkpointer.load(None if resume is True else Path(resume))
@@ -114,7 +123,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> T
         config.to_yaml(_mkdir(output) / "train_config.yaml")
     plots = _plots(config, output, accelerator, state.step if resume else None)
     loop = _Loop(config, accelerator, prepared, objective, optimizer, scheduler, trainable, checkpointer, plots)
-    metrics = loop.run(_batches(loader, sampler, accelerator, state.batches), state, data.val)
+    metrics = loop.run(batches(state.batches), state, data.val)
     card = {"training": _training_summary(config, state.step), "metrics": metrics}
     model_dir = save_model(pipe, trainable, output / MODEL_DIR, accelerator, card=card)
     accelerator.end_training()
@@ -183,12 +192,20 @@ def _mkdir(path: Path) -> Path:
 # =============================================================================================
 
 
-def build_data(config: TrainConfig, model: "AnyGPTModel") -> _Data:
-    """The stage's training and validation datasets (and the caption rows behind them)."""
+def build_data(config: TrainConfig, model: "AnyGPTModel", *, rank: int = 0, world_size: int = 1) -> _Data:
+    """The stage's training and validation datasets (and the caption rows behind them).
+
+    ``data.train`` as WebDataset shards gives a :class:`ShardStream` of process ``rank`` of
+    ``world_size``; a manifest, an :class:`AlignmentDataset`.
+    """
     stage, modalities = config.stage, config.data.modalities
-    train_rows = read_manifest(config.data.train, on_error=config.data.on_error)
-    train: Dataset = AlignmentDataset(train_rows, stage, model, modalities=modalities)
-    captions = [s for s in train_rows if s.caption is not None]
+    captions: list = []
+    if is_shard_source(config.data.train):
+        train: Dataset = _shard_stream(config, model, rank, world_size)
+    else:
+        train_rows = read_manifest(config.data.train, on_error=config.data.on_error)
+        train = AlignmentDataset(train_rows, stage, model, modalities=modalities)
+        captions += [s for s in train_rows if s.caption is not None]
     if config.data.decoding_train:
         rows = read_manifest(config.data.decoding_train, on_error=config.data.on_error)
         train = ConcatDataset([train, AlignmentDataset(rows, 2, model)])
@@ -198,8 +215,19 @@ def build_data(config: TrainConfig, model: "AnyGPTModel") -> _Data:
         val_rows = read_manifest(config.data.val, on_error=config.data.on_error)
         val = AlignmentDataset(val_rows, stage, model, modalities=modalities)
         captions += [s for s in val_rows if s.caption is not None]
-    logger.info("stage %d: %d training and %d validation examples", stage, len(train), len(val) if val else 0)
+    if not isinstance(train, ShardStream):
+        logger.info("stage %d: %d training and %d validation examples", stage, len(train), len(val) if val else 0)
     return _Data(train=train, val=val, samples=captions)
+
+
+def _shard_stream(config: TrainConfig, model: "AnyGPTModel", rank: int, world_size: int) -> ShardStream:
+    shards = list_shards(config.data.train)
+    decode, keep = stream_plan(model, config.stage, config.data.modalities)
+    stream = ShardStream(shards, batch_size=config.train.batch_size, decode=decode, keep=keep, rank=rank,
+                         world_size=world_size, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer)
+    logger.info("stage %d: %d samples in %d shard(s), %d per process in epoch 0", config.stage,
+                sum(s.count for s in shards), len(shards), stream.samples_per_epoch(0))
+    return stream
 
 
 class EpochSampler(Sampler[int]):
@@ -258,6 +286,25 @@ def _batches(loader: DataLoader, sampler: EpochSampler, accelerator: "Accelerato
         epoch, skip = epoch + 1, 0
 
 
+def _stream_batches(config: TrainConfig, stream: ShardStream, model: "AnyGPTModel", accelerator: "Accelerator",
+                    consumed: int) -> Iterator[dict]:
+    """An endless stream of micro-batches from shards, starting after the first ``consumed``: the
+    workers decode and preprocess, the main process encodes (:class:`StreamBatcher`)."""
+    from accelerate.utils import send_to_device
+
+    batcher = StreamBatcher(model, config.stage, _pad_id(model), config.data.modalities)
+    epoch, skip = stream.locate(consumed)
+    while True:
+        stream.set_position(epoch, skip)  # before iter(): the workers take a copy of the stream
+        loader = DataLoader(stream, batch_size=config.train.batch_size, collate_fn=collate_raw,
+                            num_workers=config.data.num_workers,
+                            # the loader's seed comes from this generator, not the global RNG (exact resume)
+                            generator=torch.Generator().manual_seed(config.seed))
+        for raw in loader:
+            yield send_to_device(batcher(raw), accelerator.device)
+        epoch, skip = epoch + 1, 0
+
+
 # =============================================================================================
 # Output-side targets
 # =============================================================================================
@@ -267,6 +314,13 @@ def _output_side(config: TrainConfig, pipe: "AnyGPTPipeline", data: _Data,
                  accelerator: "Accelerator") -> dict[str, Any]:
     """The objective's conditioning targets, decoders and denoising media, as the config needs."""
     kwargs: dict[str, Any] = {}
+    if config.loss.condition_mse == 0 and config.loss.denoising == 0:
+        return kwargs  # a shard set's captions are not read for nothing
+    if isinstance(data.train, ShardStream):
+        # The stream's examples, as the batcher builds them, for the targets built up front.
+        rows = data.train.caption_samples()
+        data.train_items = AlignmentDataset(rows, config.stage, pipe.model, modalities=config.data.modalities,
+                                            encode_batch_size=None).items
     modalities = _captioned_output_modalities(data)
     if config.loss.condition_mse > 0 and modalities:
         kwargs["targets"] = build_targets(config, pipe, data, modalities, accelerator)
@@ -288,7 +342,7 @@ def _items(dataset: Dataset | None) -> list:
 def _captioned_output_modalities(data: _Data) -> dict[str, list[str]]:
     """Output modality → every caption an example asks it for (training and validation)."""
     found: dict[str, list[str]] = defaultdict(list)
-    for item in _items(data.train) + _items(data.val):
+    for item in data.train_items + _items(data.train) + _items(data.val):
         if item.output_modality is not None and item.caption is not None:
             found[item.output_modality].append(item.caption)
     return {m: list(dict.fromkeys(c)) for m, c in found.items()}
