@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from anygpt.errors import AnyGPTError, CheckpointError, ConfigError, WeightsNotFoundError
 from anygpt.weightfiles import read_safetensors, read_torch_file
 
-from anygpt.alignment.config import TrainConfig
+from anygpt.alignment.config import TrainConfig, is_shard_source
 from anygpt.alignment.trainable import TrainableParameters
 
 if TYPE_CHECKING:
@@ -67,11 +67,14 @@ _CHECKPOINT_OVERHEAD = 1 << 20
 
 @dataclass
 class TrainState:
-    """Where training is: optimizer steps done and micro-batches consumed (per process)."""
+    """Where training is: optimizer steps done and micro-batches consumed (per process), and the
+    layout that consumed them (``batch_size`` / ``grad_accum`` 0: not recorded, older checkpoints)."""
 
     step: int = 0
     batches: int = 0
     num_processes: int = 1
+    batch_size: int = 0
+    grad_accum: int = 0
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -189,10 +192,11 @@ class Checkpointer:
     # accelerate hooks ---------------------------------------------------------------------------
     def _save_weights(self, models: list, weights: list, output_dir: str) -> None:
         weights.clear()  # accelerate would otherwise write the whole model
+        state = self.trainable.state_dict()  # on every process: FSDP shards are gathered
         if self.accelerator.is_main_process:
             from safetensors.torch import save_file
 
-            save_file(self.trainable.state_dict(), os.path.join(output_dir, TRAINABLE_FILE))
+            save_file(state, os.path.join(output_dir, TRAINABLE_FILE))
 
     def _load_weights(self, models: list, input_dir: str) -> None:
         self.trainable.load_state_dict(read_safetensors(os.path.join(input_dir, TRAINABLE_FILE),
@@ -267,17 +271,47 @@ class Checkpointer:
         problem = checkpoint_problem(path, rank=self.accelerator.process_index)
         if problem is None:
             state = _read_state(path)
-            if state.num_processes != self.accelerator.num_processes:
-                raise ConfigError(f"{path} was written by {state.num_processes} process(es) but this run has "
-                                  f"{self.accelerator.num_processes}; resume with the same number of processes")
+            regrouped = state.num_processes != self.accelerator.num_processes
+            if regrouped:
+                state = _regroup(state, path, self.config, self.accelerator.num_processes)
             try:
                 self.accelerator.load_state(str(path))
             except (FileNotFoundError, WeightsNotFoundError) as exc:  # a file the check does not know
                 problem = str(exc)
+            if regrouped and problem is None:
+                # accelerate restores its micro-step count, which places the accumulation
+                # boundaries; the writer's count is per process of the old layout.
+                self.accelerator.step = state.batches
         if problem is not None:
             raise CheckpointError(f"cannot resume from {path.name}: {problem}. {_resume_hint(path)}")
         logger.info("resumed from %s (step %d)", path, state.step)
         return state
+
+
+def _regroup(state: TrainState, path: Path, config: TrainConfig, world: int) -> TrainState:
+    """``state`` as ``world`` processes continue it: the same examples per optimizer step when
+    ``world × train.grad_accum`` equals the writer's (same batch size), the micro-batch position
+    rescaled. Manifest data only: each process of a shard stream keeps its own position.
+
+    Raises:
+        ConfigError: the layouts do not match; the message gives the grad_accum that does.
+    """
+    written = state.num_processes
+    same = f"resume with {written} process(es)"
+    if not state.batch_size or is_shard_source(config.data.train):
+        why = "its data position is per process" if state.batch_size else "it does not record its batch layout"
+        raise ConfigError(f"{path} was written by {written} process(es) but this run has {world} ({why}); {same}")
+    examples, accum = written * state.grad_accum, config.train.grad_accum
+    if config.train.batch_size != state.batch_size or world * accum != examples:
+        fix = (f"set train.grad_accum={examples // world}" if examples % world == 0
+               else f"use a number of processes dividing {examples}")
+        raise ConfigError(f"{path} was written by {written} process(es) × train.grad_accum={state.grad_accum} × "
+                          f"train.batch_size={state.batch_size}, but this run has {world} × {accum} × "
+                          f"{config.train.batch_size}: keep train.batch_size={state.batch_size} and {fix}, "
+                          f"or {same}")
+    logger.info("resuming a %d-process checkpoint on %d process(es) with train.grad_accum=%d", written, world, accum)
+    return TrainState(step=state.step, batches=state.batches * written // world, num_processes=world,
+                      batch_size=state.batch_size, grad_accum=accum)
 
 
 # Write faults and the check before training ------------------------------------------------------

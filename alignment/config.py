@@ -34,6 +34,7 @@ ALL = "all"
 STAGES = (1, 2, 3)
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ENGINES = ("accelerate", "fsdp")
 TRACKERS = ("csv", "tensorboard")
 PARAM_GROUPS = ("input_projectors", "output_projectors", "signal_embeddings", "lora")
 
@@ -237,6 +238,9 @@ class LoopConfig:
             the loss and gradients are unchanged. Off: the full pass every step.
         prefix_cache_mb: memory bound (MiB, on the training device) of the per-example cache of
             those prefixes' keys / values, reused in later epochs; 0 recomputes them each step.
+        engine: ``accelerate`` (DDP or DeepSpeed, as the accelerate launch config says) or
+            ``fsdp`` (the trainable tensors and their optimizer state sharded across the
+            processes, :mod:`alignment.fsdp`; one process trains as ``accelerate``).
     """
 
     max_steps: int = 100
@@ -245,6 +249,7 @@ class LoopConfig:
     mixed_precision: str = "no"
     frozen_prefix: bool = True
     prefix_cache_mb: float = 1024.0
+    engine: str = "accelerate"
 
     def validate(self, path: str) -> None:
         require(self.max_steps > 0, f"{path}.max_steps", "must be > 0")
@@ -253,6 +258,7 @@ class LoopConfig:
         require(self.prefix_cache_mb >= 0, f"{path}.prefix_cache_mb", "must be >= 0")
         require(self.mixed_precision in MIXED_PRECISION, f"{path}.mixed_precision",
                f"must be one of {', '.join(MIXED_PRECISION)}")
+        require(self.engine in ENGINES, f"{path}.engine", f"must be one of {', '.join(ENGINES)}")
 
 
 @dataclass

@@ -7,9 +7,10 @@
 trainable set (:mod:`alignment.trainable`), the examples (:mod:`alignment.data`), the cached
 decoder conditionings (:mod:`alignment.targets`), the loss terms (:mod:`alignment.objective`),
 AdamW with a warmup + decay schedule, and ``accelerate`` for devices, DDP / DeepSpeed, mixed
-precision, gradient accumulation and trackers (``logs/metrics.csv``, TensorBoard). Checkpoints
-are resumable and atomic (:mod:`alignment.checkpointing`), and each one redraws ``loss.png`` and
-``eval.png`` in the run folder (:mod:`alignment.plots`); the result is a model directory that
+precision, gradient accumulation and trackers (``logs/metrics.csv``, TensorBoard); FSDP
+(``train.engine: fsdp``) is :mod:`alignment.fsdp`. Checkpoints are resumable and atomic
+(:mod:`alignment.checkpointing`), and each one redraws ``loss.png`` and ``eval.png`` in the run
+folder (:mod:`alignment.plots`); the result is a model directory that
 ``AnyGPTPipeline.from_pretrained`` loads.
 """
 
@@ -32,6 +33,8 @@ from anygpt.alignment.checkpointing import (Checkpointer, TrainState, check_room
                                             write_error)
 from anygpt.alignment.config import TrainConfig, is_shard_source
 from anygpt.alignment.data import AlignmentDataset, collate, read_manifest
+from anygpt.alignment.fsdp import (FullStateAdamW, ShardedObjective, check_engine, full_weights, release,
+                                   shard_objective, uses_fsdp)
 from anygpt.alignment.optim import WarmupDecay
 from anygpt.alignment.objective import AlignmentObjective, ConditionTargets, MediaTargets
 from anygpt.alignment.plots import MetricHistory, RunPlots
@@ -102,29 +105,36 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False) -> T
                                    frozen_prefix=config.train.frozen_prefix,
                                    prefix_cache_mb=config.train.prefix_cache_mb,
                                    **_output_side(config, pipe, data, accelerator))
-    optimizer = build_optimizer(trainable, config)
+    sharded = _shard(config, objective, trainable, accelerator)
+    optimizer = build_optimizer(trainable, config, FullStateAdamW if sharded is not None else torch.optim.AdamW)
     if config.checkpoint.every:
         check_room(output, checkpoint_bytes(trainable, optimizer))
     scheduler = build_scheduler(optimizer, config)
+    # An FSDP root is not given to accelerate, which would wrap it in DDP.
+    models = [objective] if sharded is None else []
     if isinstance(data.train, ShardStream):
         # Not through accelerator.prepare: the stream already gives each process its own shards.
-        prepared, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+        *prepared, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)
         batches = functools.partial(_stream_batches, config, data.train, model, accelerator)
     else:
         loader, sampler = _train_loader(config, data.train, model)
-        prepared, optimizer, loader, scheduler = accelerator.prepare(objective, optimizer, loader, scheduler)
+        *prepared, optimizer, loader, scheduler = accelerator.prepare(*models, optimizer, loader, scheduler)
         batches = functools.partial(_batches, loader, sampler, accelerator)
+    prepared = sharded if sharded is not None else prepared[0]
     checkpointer = Checkpointer(accelerator, output / "checkpoints", trainable, config, keep=config.checkpoint.keep)
     if resume:
         state = checkpointer.load(None if resume is True else Path(resume))
     else:
-        state = TrainState(num_processes=accelerator.num_processes)
+        state = TrainState(num_processes=accelerator.num_processes, batch_size=config.train.batch_size,
+                           grad_accum=config.train.grad_accum)
     if accelerator.is_main_process:
         config.to_yaml(_mkdir(output) / "train_config.yaml")
     plots = _plots(config, output, accelerator, state.step if resume else None)
     loop = _Loop(config, accelerator, prepared, objective, optimizer, scheduler, trainable, checkpointer, plots)
     metrics = loop.run(batches(state.batches), state, data.val)
     card = {"training": _training_summary(config, state.step), "metrics": metrics}
+    if sharded is not None:
+        release(sharded, trainable)  # whole tensors again, to merge and save
     model_dir = save_model(pipe, trainable, output / MODEL_DIR, accelerator, card=card)
     accelerator.end_training()
     return TrainResult(model_dir=model_dir, step=state.step, metrics=metrics)
@@ -150,10 +160,21 @@ def _accelerator(config: TrainConfig, output: Path) -> "Accelerator":
         log_with=build_trackers(config.log.trackers, logging_dir),
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(logging_dir)),
     )
+    check_engine(config.train.engine, accelerator)
     if accelerator.trackers is not None:
         accelerator.init_trackers("alignment", config={"stage": config.stage, "lr": config.optim.lr,
                                                        "batch_size": config.train.batch_size})
     return accelerator
+
+
+def _shard(config: TrainConfig, objective: AlignmentObjective, trainable: TrainableParameters,
+           accelerator: "Accelerator") -> "ShardedObjective | None":
+    """The FSDP root when ``train.engine: fsdp`` runs on several processes, else None."""
+    if uses_fsdp(config.train.engine, accelerator):
+        return shard_objective(objective, trainable, accelerator)
+    if config.train.engine == "fsdp":
+        logger.info("train.engine=fsdp on one process: nothing to shard, training unsharded")
+    return None
 
 
 def _plots(config: TrainConfig, output: Path, accelerator: "Accelerator", resumed_at: int | None) -> RunPlots | None:
@@ -379,16 +400,17 @@ def build_targets(config: TrainConfig, pipe: "AnyGPTPipeline", data: _Data, moda
 # =============================================================================================
 
 
-def build_optimizer(trainable: TrainableParameters, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with one group per trainable part; the signal-embedding group never decays."""
+def build_optimizer(trainable: TrainableParameters, config: TrainConfig,
+                    kind: type[torch.optim.AdamW] = torch.optim.AdamW) -> torch.optim.Optimizer:
+    """AdamW (or the subclass ``kind``) with one group per trainable part; the signal-embedding
+    group never decays."""
     optim = config.optim
     groups = []
     for name, params in trainable.groups.items():
         decay = 0.0 if name == "signal_embeddings" else optim.weight_decay
         groups.append({"params": [p for _, p in params], "lr": optim.group_lr.get(name, optim.lr),
                        "weight_decay": decay, "name": name})
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
+    return kind(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -504,13 +526,14 @@ class _Loop:
         """Mean loss terms on the validation set, computed on the main process."""
         acc, metrics = self.acc, {}
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            metrics = evaluate_objective(self.objective, val, self.config.eval.batch_size,
-                                         self.config.eval.max_batches, acc)
-            acc.log(metrics, step=step)
-            if self.plots is not None:
-                self.plots.history.add(metrics, step)
-            logger.info("eval at step %d: %s", step, _format(metrics))
+        with full_weights(self.prepared):  # FSDP: the main process evaluates with whole tensors
+            if acc.is_main_process:
+                metrics = evaluate_objective(self.objective, val, self.config.eval.batch_size,
+                                             self.config.eval.max_batches, acc)
+                acc.log(metrics, step=step)
+                if self.plots is not None:
+                    self.plots.history.add(metrics, step)
+                logger.info("eval at step %d: %s", step, _format(metrics))
         acc.wait_for_everyone()
         self._train_mode()
         return metrics

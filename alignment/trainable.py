@@ -61,8 +61,11 @@ class TrainableParameters:
         return sum(p.numel() for _, p in self.named_parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors on the CPU, by qualified name."""
-        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
+        """Trainable tensors on the CPU, by qualified name; FSDP shards are gathered whole (a
+        collective then: call it on every process)."""
+        from anygpt.alignment.fsdp import whole_tensor
+
+        return {name: whole_tensor(p.detach()).cpu().contiguous() for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy tensors written by :meth:`state_dict` into the parameters.
@@ -76,9 +79,11 @@ class TrainableParameters:
             raise ConfigError(f"checkpoint does not match this config's trainable parameters (missing: "
                               f"{missing[:4]}, unexpected: {unexpected[:4]}); resume with the config it "
                               f"was written with (saved next to it as train_config.yaml)")
+        from anygpt.alignment.fsdp import shard_like
+
         with torch.no_grad():
             for name, param in self.named_parameters():
-                param.copy_(state[name].to(param.device, param.dtype))
+                param.copy_(shard_like(state[name], param))
 
 
 class SignalRows(nn.Module):
