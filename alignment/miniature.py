@@ -313,15 +313,40 @@ def _data_step(ctx: _Context) -> dict[str, Any]:
                                        num_val=int(section["val"]), seed=ctx.seed + 1, signal_tokens=signal_tokens)
     chat = _generic_chat(pipe, int(section["chat_max_new_tokens"]), ctx.seed, ctx.progress)
     count = round(float(section["chat_share"]) * int(section["dialogues"]))
-    rows = [{"conversation": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in (chat[i % len(chat)] for i in range(count))]
+    rows = [{"conversation": _chat_exchange(*chat[i % len(chat)])} for i in range(count)]
+    world = [json.loads(line) for line in dialogues["dialogues_train"].read_text(encoding="utf-8").splitlines()]
+    mixed = _mix_chat_turns(world, chat, float(section.get("chat_turns", 0.0)), ctx.seed)
     train = dialogues["dialogues_train"].with_name("stage3_train.jsonl")  # beside the media it names
-    train.write_text(dialogues["dialogues_train"].read_text(encoding="utf-8")
-                     + "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    train.write_text("".join(json.dumps(row) + "\n" for row in [*world, *rows]), encoding="utf-8")
     (folder / "generic_chat.json").write_text(json.dumps(chat, indent=1) + "\n", encoding="utf-8")
     return {"captions_train": str(captions["captions_train"]), "captions_val": str(captions["captions_val"]),
             "dialogues_train": str(train), "dialogues_val": str(dialogues["dialogues_val"]),
-            "generic_chat_rows": count}
+            "generic_chat_rows": count, "dialogues_with_chat": mixed}
+
+
+def _chat_exchange(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _mix_chat_turns(rows: list[dict], chat: Sequence[tuple[str, str]], share: float, seed: int) -> int:
+    """Insert one generic chat exchange, at a random turn boundary, into ``share`` of the world
+    dialogues ``rows`` (in place); returns how many got one.
+
+    A plain question can follow a media turn, and must still be answered in words; with chat
+    only in rows of its own, every later turn of every dialogue the model saw was about media.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 7])  # its own stream: the world dialogues stay as drawn
+    mixed = 0
+    for row in rows:
+        if rng.random() >= share:
+            continue
+        turns = row["conversation"]
+        at = 2 * int(rng.integers(0, len(turns) // 2 + 1))  # before, between or after exchanges
+        turns[at:at] = _chat_exchange(*chat[int(rng.integers(len(chat)))])
+        mixed += 1
+    return mixed
 
 
 def _generic_chat(pipe: Any, max_new_tokens: int, seed: int, progress: bool) -> list[tuple[str, str]]:
@@ -363,7 +388,7 @@ def _stage_step(stage: int, step: str, start: str,
         if train_on is not None:
             files["data.train"] = _records(ctx)[train_on[0]]["results"][train_on[1]]
         overrides = {"model": str(ctx.folder(start) / "model"), "output_dir": str(ctx.folder(step)),
-                     "seed": ctx.seed, **files, "log.trackers": ["csv"], "log.progress_bar": ctx.progress,
+                     "seed": ctx.seed, **files, "log.trackers": ["csv"], "log.progress_bar": ctx.progress, "log.name": step,
                      **ctx.settings[_SECTIONS[step]]}
         config = load_train_config(CONFIG_DIR / names[stage], [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
         checkpoints = Path(config.output_dir) / "checkpoints"

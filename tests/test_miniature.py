@@ -90,6 +90,15 @@ def test_quick_build_runs_end_to_end_and_resumes(tmp_path):
     answer = pipe("Show me a red circle on a white background.", outputs=("image",), seed=0, max_new_tokens=4)
     assert [image.size for image in answer.media("image")] == [(64, 64)]
 
+    # Stage 3 learns plain chat in rows of its own and as turns inside world dialogues.
+    data = state["data"]["results"]
+    rows = [json.loads(line)["conversation"] for line in Path(data["dialogues_train"]).read_text().splitlines()]
+    chat = dict(map(tuple, json.loads((out / "data" / "generic_chat.json").read_text())))
+    alone = [r for r in rows if len(r) == 2 and r[0]["content"] in chat]
+    inside = [r for r in rows if len(r) > 2 and any(t["content"] in chat for t in r[::2])]
+    assert len(alone) == data["generic_chat_rows"] == round(settings["data"]["chat_share"] * settings["data"]["dialogues"])
+    assert len(inside) == data["dialogues_with_chat"] > 0
+
     # A rerun resumes: nothing is trained again.
     assert miniature.build_miniature(out, settings, progress=False).ran == []
     # Changed settings of a finished step are refused, unless that step is redone (with the later ones).
@@ -114,3 +123,25 @@ def test_quick_build_runs_end_to_end_and_resumes(tmp_path):
         runs = [m for m, tokens in signal.items() if "".join(tokens) in assistant["content"]]
         assert len(runs) == 1 and assistant["content"].endswith("".join(signal[runs[0]]))
         assert assistant["caption"] in user["content"]
+
+
+def test_chat_turns_go_between_exchanges_of_the_given_share_of_dialogues():
+    world = [{"conversation": [{"role": "user", "content": f"q{i}.{j}"} if k == 0 else
+                               {"role": "assistant", "content": f"a{i}.{j}"}
+                               for j in range(1 + i % 3) for k in range(2)]} for i in range(2000)]
+    before = json.loads(json.dumps(world))
+    chat = [("Hello!", "Hi."), ("Thanks!", "You are welcome.")]
+    mixed = miniature._mix_chat_turns(world, chat, 0.3, seed=0)
+    assert 0.27 * 2000 < mixed < 0.33 * 2000  # binomial: 600 ± 20
+    changed = 0
+    for row, old in zip(world, before):
+        turns = row["conversation"]
+        kept = [t for t in turns if t["content"] not in {text for exchange in chat for text in exchange}]
+        assert kept == old["conversation"]  # the world exchanges, in their order
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        for i in range(0, len(turns), 2):  # a chat prompt is always followed by its own answer
+            if turns[i]["content"] in dict(chat):
+                assert turns[i + 1]["content"] == dict(chat)[turns[i]["content"]]
+        changed += len(turns) != len(old["conversation"])
+    assert changed == mixed
+    assert miniature._mix_chat_turns(json.loads(json.dumps(before)), chat, 0.3, seed=0) == mixed  # seeded
