@@ -654,3 +654,33 @@ def test_bad_target_cache_layout_is_refused(override, message, data, tmp_path):
 
     with pytest.raises(ConfigError, match=message):
         _config(2, tmp_path, data, override)
+
+
+def _deepspeed_on_cuda() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _deepspeed_on_cuda(), reason="DeepSpeed ZeRO-2 needs CUDA and the `deepspeed` extra "
+                    "(accelerate ignores DeepSpeed on CPU)")
+def test_deepspeed_zero2_trains_checkpoints_and_resumes(data, tmp_path):
+    """The shipped ZeRO-2 launch config, on one GPU: stage 2 trains, checkpoints, and resumes."""
+    out = tmp_path / "zero2"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(CONFIG_DIR / "accelerate_deepspeed_zero2.yaml"), "--num_processes", "1",
+              "-m", "anygpt.cli", "train", "--config", str(CONFIG_DIR / "stage2_decoding.yaml"),
+              "model=tiny", f"output_dir={out}", f"data.train={data['captions_train']}", "data.val=null",
+              "train.max_steps=4", "train.batch_size=4", "train.mixed_precision=bf16", "checkpoint.every=2",
+              "checkpoint.keep=2", "log.progress_bar=false"]
+    middle = out / "checkpoints" / "checkpoint-00000002"
+    for extra in ([], ["--resume-from", str(middle)]):
+        # cwd: the launch config names its DeepSpeed JSON relative to the repository root
+        done = subprocess.run([*launch, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "trained 4 steps" in done.stdout and middle.is_dir()
+    _load(out / "model")
