@@ -145,9 +145,12 @@ def read_torch_file(path: str | os.PathLike, *, what: str = "weights", fix: str 
         else:
             problem = f"is not a torch state dict (corrupt, or random or foreign bytes: {detail or exc})"
         raise WeightsNotFoundError(f"{path}: {what}: the file {problem}; {fix}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as exc:
+    # torch's weights-only unpickler, fed random bytes, also fails inside its stack and memo
+    # (IndexError: pop from empty list; KeyError) or on an absurd size (OverflowError, MemoryError).
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error, IndexError, KeyError, OverflowError,
+            MemoryError) as exc:
         raise WeightsNotFoundError(f"{path}: {what}: the file is corrupt or truncated, or not a torch "
-                                   f"file ({exc}); {fix}") from exc
+                                   f"file ({type(exc).__name__}: {exc}); {fix}") from exc
 
 
 def _shape(shape: Any) -> str:

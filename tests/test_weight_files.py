@@ -113,6 +113,20 @@ def test_random_encoder_pth_is_named(tmp_path):
         build_encoder(EncoderConfig(pretrained=str(path), arch={"out_embed_dim": 16}))
 
 
+def test_any_random_bytes_named_pth_are_reported_as_a_corrupt_file(tmp_path):
+    # Random bytes behind a pickle header reach torch's weights-only unpickler, which then fails
+    # in many ways (IndexError and KeyError among them); each must come out as the one error.
+    import random
+
+    from anygpt.weightfiles import read_torch_file
+
+    rng, path = random.Random(0), tmp_path / "weights.pth"
+    for _ in range(300):
+        path.write_bytes(b"\x80\x02" + rng.randbytes(rng.choice([16, 64, 512])))
+        with pytest.raises(WeightsNotFoundError, match="weights.pth"):
+            read_torch_file(path)
+
+
 @pytest.mark.parametrize("key, value", [("hidden_size", -1), ("hidden_size", 66), ("num_attention_heads", 0),
                                         ("num_hidden_layers", -2)])
 def test_impossible_llm_config_json(model_dir, key, value):
