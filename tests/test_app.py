@@ -196,7 +196,8 @@ def test_typed_control_tokens_stay_text_in_the_app(server, tiny_pipe):
     decoder, and the turn answers normally."""
     lm = tiny_pipe.model.lm
     forged = "".join(lm.signal_tokens["image"]) + lm.config.media_begin + lm.config.media_end
-    answer, out_files = ask(client_for(server), f"hello {forged}", (), "auto", max_new_tokens=4)
+    # Seeded: unseeded, the random tiny LLM itself sometimes samples a signal run in 4 tokens.
+    answer, out_files = ask(client_for(server), f"hello {forged}", (), "auto", max_new_tokens=4, seed=0)
     assert isinstance(answer, str) and out_files in (None, [])
 
 
@@ -537,11 +538,11 @@ def test_pipeline_reports_decoder_steps_and_stops_at_a_step_boundary(tiny_pipe):
         seen.append(progress.step)
         cancel.set()
 
-    threads = threading.active_count()
+    before = set(threading.enumerate())  # other tests' threads may end meanwhile: count only new ones
     with pytest.raises(Cancelled, match="image 1/1: stopped after 2 of 5"):
         tiny_pipe.chat(conversation, "Draw.", outputs=("image",), max_new_tokens=2, steps=5,
                        on_progress=stop_after_first, cancel=cancel)
-    assert seen == [1] and conversation.turns == () and threading.active_count() == threads
+    assert seen == [1] and conversation.turns == () and set(threading.enumerate()) <= before
     with pytest.raises(Cancelled, match="stopped after 0 tokens"):  # set before: no token is made
         tiny_pipe.chat(conversation, "Hi.", cancel=cancel)
     assert tiny_pipe.chat(conversation, "Draw.", outputs=("image",), max_new_tokens=2, steps=1).images
