@@ -11,7 +11,6 @@ controls from the declared options (:data:`~anygpt.config.SAMPLING_OPTIONS`,
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import queue
@@ -19,9 +18,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-import anyio
 import gradio as gr
 
 from anygpt.config import DECODE_OPTIONS, SAMPLING_OPTIONS
@@ -32,6 +30,7 @@ from anygpt.paths import resolve_path
 from anygpt.app.engine import AUTO, TurnState, output_choices, run_turn
 from anygpt.app.gate import ModelGate
 from anygpt.app.session import ChatSession, UserMessage, describe_modalities, upload_suffixes
+from anygpt.app.threaded import ThreadedIterator
 
 logger = logging.getLogger(__name__)
 
@@ -457,50 +456,30 @@ class _Snapshot:
 
 class _ApiTurn:
     """A turn of the named API: run in a worker thread that holds a model slot, read from the
-    event loop; leaving the ``async with`` early (a cancelled job) cancels the turn and waits
-    for the worker, so the slot is free when the job is."""
+    event loop (:class:`ThreadedIterator`); leaving the ``async with`` early (a cancelled job)
+    cancels the turn and waits for the worker, so the slot is free when the job is."""
 
     def __init__(self, turn: Callable[[threading.Event], Any], gate: ModelGate):
         self._turn, self._gate = turn, gate
         self.cancel = threading.Event()
-        self._ended = False
+
+    def _snapshots(self) -> Iterator[_Snapshot]:
+        with self._gate.slot():
+            for state in self._turn(self.cancel):
+                yield _Snapshot(state.text, list(state.files), state.done, state.error)
 
     async def __aenter__(self) -> "_ApiTurn":
-        self._loop = asyncio.get_running_loop()
-        self._updates: asyncio.Queue = asyncio.Queue()
-        self._worker = threading.Thread(target=self._work, name="anygpt-api-turn", daemon=True)
-        self._worker.start()
+        self._reader = ThreadedIterator(self._snapshots, self.cancel, name="anygpt-api-turn")
         return self
 
-    def _put(self, item: Any) -> None:
-        self._loop.call_soon_threadsafe(self._updates.put_nowait, item)
-
-    def _work(self) -> None:
-        try:
-            with self._gate.slot():
-                for state in self._turn(self.cancel):
-                    self._put(_Snapshot(state.text, list(state.files), state.done, state.error))
-        except BaseException as exc:  # noqa: BLE001 - raised again by the reader, in the event loop
-            self._put(exc)
-        finally:
-            self._put(None)
-
-    async def states(self) -> AsyncIterator[_Snapshot]:
+    def states(self) -> AsyncIterator[_Snapshot]:
         """The turn's states, in order; an error of the worker is raised here."""
-        while (item := await self._updates.get()) is not None:
-            if isinstance(item, BaseException):
-                self._ended = True
-                raise item
-            yield item
-        self._ended = True
+        return self._reader.items()
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        # Shielded: this runs as a cancelled job's task unwinds.
-        with anyio.CancelScope(shield=True):
-            if not self._ended:
-                logger.info("API turn cancelled by its client; stopping it")
-                self.cancel.set()
-            await anyio.to_thread.run_sync(self._worker.join)
+        if not self._reader.ended:
+            logger.info("API turn cancelled by its client; stopping it")
+        await self._reader.close()
 
 
 def _key(request: Any, session: ChatSession | None) -> str:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, TypeVar
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -52,6 +51,7 @@ from anygpt.modalities import get_modality
 from anygpt.types import GenerationOutput, MediaSegment, TextDelta, TextSegment
 
 from anygpt.app.gate import ModelGate, ServerBusyError
+from anygpt.app.threaded import ThreadedIterator
 
 logger = logging.getLogger(__name__)
 
@@ -481,59 +481,34 @@ async def until_disconnected(request: Request, cancel: threading.Event, work: Ca
             cancel.set()
 
 
-_END = object()
-
-
 class _EventPump:
-    """A completion's remaining events, read by a thread of its own and handed to the event loop.
-
-    A thread of its own, because a decoder call yields no event for seconds: the stream must be
-    able to stop (set the cancel event) while the pipeline is inside one, which it could not if
-    it awaited that call itself.
-    """
+    """A completion's remaining events, read by a thread of its own (:class:`ThreadedIterator`:
+    a decoder call yields no event for seconds, and the stream must be able to stop meanwhile)."""
 
     def __init__(self, completion: _Completion, completion_id: str):
         self.completion, self.id = completion, completion_id
         self.what = f"chat completion {completion_id}"
-        self.ended = False  # the consumer saw the last event (or the error)
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._stopped = asyncio.Event()
-        threading.Thread(target=self._work, name=f"anygpt-{completion_id}", daemon=True).start()
+        self._reader = ThreadedIterator(self._events, completion.cancel, name=f"anygpt-{completion_id}")
 
-    def _work(self) -> None:
+    def _events(self) -> Iterator[Any]:
         try:
-            for event in self.completion.events():
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
-        except BaseException as exc:  # noqa: BLE001 - raised again by the consumer, in the event loop
+            yield from self.completion.events()
+        except BaseException as exc:
             if self.completion.cancel.is_set() and not isinstance(exc, Cancelled):
                 logger.warning("%s failed after its client left", self.what, exc_info=exc)
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
-        finally:
-            self._loop.call_soon_threadsafe(self._stopped.set)
+            raise
 
-    async def events(self) -> AsyncIterator[Any]:
+    def events(self) -> AsyncIterator[Any]:
         """The events, in order; an error in the pipeline is raised here."""
-        while True:
-            item = await self._queue.get()
-            if item is _END or isinstance(item, BaseException):
-                self.ended = True
-                if item is _END:
-                    return
-                raise item
-            yield item
+        return self._reader.items()
 
     async def close(self) -> None:
         """Cancel the completion unless it has ended, and wait until its thread (and with it
-        the model slot) is released. Shielded: this runs as a cancelled response unwinds."""
-        with anyio.CancelScope(shield=True):
-            if not self.ended:
-                logger.info("%s: the client disconnected; cancelling it", self.what)
-                self.completion.cancel.set()
-            await self._stopped.wait()
-            if not self.ended:
-                logger.info("%s: cancelled; its model slot is free", self.what)
+        the model slot) is released."""
+        if not self._reader.ended:
+            logger.info("%s: the client disconnected; cancelling it", self.what)
+        if await self._reader.close():
+            logger.info("%s: cancelled; its model slot is free", self.what)
 
 
 class _CompletionStream(StreamingResponse):
